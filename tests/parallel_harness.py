@@ -1,0 +1,151 @@
+"""A tiny, fixed training run, executed in one process or in a spawned gloo world, so that
+every parallel layout can be compared step by step with the single-process reference.
+
+`run_reference()` runs in the calling process; `run_world(world, layouts)` spawns `world`
+ranks that run each layout in turn (one world, reused) and returns rank 0's results.
+Layouts are `conf/parallel/<preset>.yaml` names, optionally with field overrides; the
+override `float8` ("tensorwise" or "tensorwise_fsdp_all_gather") converts the block linears
+with torchao first, `model` (a dict) changes LlamaArgs fields; compare with
+`run_reference(float8, model)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import traceback
+from datetime import timedelta
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from torch.distributed.tensor import DTensor
+
+from titan.config.schema import ParallelConfig, PrecisionConfig, ReshardAfterForward
+from titan.models.llama3 import Llama3, LlamaArgs
+from titan.parallel import Parallel
+
+REPO = Path(__file__).resolve().parents[1]
+ARGS = LlamaArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=32, max_seq_len=16)
+SEQ, GLOBAL_BATCH, STEPS, SEED, LR, MAX_NORM = 16, 4, 5, 1234, 3e-3, 1.0
+
+
+def parallel_config(preset: str, **overrides) -> ParallelConfig:
+    fields = yaml.safe_load((REPO / "conf" / "parallel" / f"{preset}.yaml").read_text())
+    fields.update(overrides)
+    if "reshard_after_forward" in fields:
+        fields["reshard_after_forward"] = ReshardAfterForward(fields["reshard_after_forward"])
+    return ParallelConfig(**fields)
+
+
+def build_model(float8: Optional[str] = None, model_fields: Optional[dict] = None) -> Llama3:
+    """The tiny model on the meta device, block linears optionally converted to float8."""
+    with torch.device("meta"):
+        model = Llama3(dataclasses.replace(ARGS, **(model_fields or {})))
+    if float8:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+        config = Float8LinearConfig(enable_fsdp_float8_all_gather=float8 == "tensorwise_fsdp_all_gather")
+        convert_to_float8_training(model, config=config, module_filter_fn=lambda mod, fqn: fqn != "output")
+    return model
+
+
+def batches() -> torch.Tensor:
+    """(STEPS, GLOBAL_BATCH, SEQ + 1) token ids: inputs are [:-1], labels [1:]."""
+    g = torch.Generator().manual_seed(SEED + 1)
+    return torch.randint(0, ARGS.vocab_size, (STEPS, GLOBAL_BATCH, SEQ + 1), generator=g)
+
+
+def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded copy of the state dict (a collective when parameters are DTensors)."""
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() for k, v in model.state_dict().items()}
+
+
+def train(model: torch.nn.Module, par: Parallel) -> dict:
+    """The trainer's step, as documented for titan.parallel: per-rank loss = token-summed CE
+    over this rank's slice / its token count; gradients are averaged by data parallelism."""
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
+    per_rank = GLOBAL_BATCH // par.dp_world
+    tokens_per_rank = GLOBAL_BATCH * SEQ // par.loss_divisor
+    losses, norms = [], []
+    for batch in batches():
+        rows = batch[par.dp_rank * per_rank : (par.dp_rank + 1) * per_rank]
+        inputs, labels = rows[:, :-1], rows[:, 1:]
+        with par.loss_context():
+            logits = model(inputs)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum") / tokens_per_rank
+            loss.backward()
+        norms.append(float(par.clip_grad_norm(model.parameters(), MAX_NORM)))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(par.mean_over_dp(loss.detach()))
+    return {"losses": losses, "grad_norms": norms}
+
+
+def run_reference(float8: Optional[str] = None, model_fields: Optional[dict] = None) -> dict:
+    """One process, plain init: `torch.manual_seed(seed); to_empty; init_weights()`."""
+    par = Parallel(parallel_config("single"), PrecisionConfig(), world_size=1, device_type="cpu")
+    torch.manual_seed(SEED)
+    model = build_model(float8, model_fields)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    init = full_state(model)
+    out = train(model, par)
+    return {"init": init, **out, "final": full_state(model)}
+
+
+def _run_layout(preset: str, overrides: dict, world: int) -> dict:
+    overrides = dict(overrides)
+    float8, model_fields = overrides.pop("float8", None), overrides.pop("model", None)
+    par = Parallel(parallel_config(preset, **overrides), PrecisionConfig(), world_size=world, device_type="cpu")
+    model = par.apply(build_model(float8, model_fields))
+    par.materialize_and_init(model, torch.device("cpu"), SEED)
+    init = full_state(model)
+    out = train(model, par)
+    return {"init": init, **out, "final": full_state(model), "degrees": par.degrees}
+
+
+def _worker(rank: int, world: int, port: int, layouts: list, out_path: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    results = {}
+    try:
+        for key, preset, overrides in layouts:
+            try:
+                results[key] = _run_layout(preset, overrides, world)
+            except Exception:  # reported per layout; the peers fail at their next collective
+                results[key] = {"error": f"rank {rank}: {traceback.format_exc()}"}
+                break
+        if rank == 0:
+            torch.save(results, out_path)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_world(world: int, layouts: list[tuple[str, str, dict]], timeout: Optional[float] = None) -> dict:
+    """Spawn `world` gloo ranks that run each (key, preset, overrides) layout in turn."""
+    import torch.multiprocessing as mp
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "results.pt")
+        try:
+            mp.spawn(_worker, args=(world, free_port(), layouts, out), nprocs=world, join=True)
+        except Exception as err:  # a rank died: keep what rank 0 wrote, if anything
+            if not os.path.exists(out):
+                return {key: {"error": f"world of {world} failed: {err}"} for key, _, _ in layouts}
+        return torch.load(out, weights_only=False)

@@ -1,0 +1,317 @@
+"""Typed schema for every config group.
+
+Each dataclass is registered in Hydra's ConfigStore (see `titan.config.store`); the YAML files
+under `conf/` are presets over these schemas. The training code only ever sees these objects,
+never a DictConfig. Enums (not Literal) because OmegaConf 2.3 only validates Enums.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+
+class Device(str, Enum):
+    auto = "auto"  # CUDA when present, else CPU
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+# ---------------------------------------------------------------------------------------------
+# model
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    name: str = "llama3_debug"
+    dim: int = 256
+    n_layers: int = 6
+    n_heads: int = 16
+    n_kv_heads: Optional[int] = None  # None: same as n_heads (plain multi-head attention)
+    vocab_size: int = -1  # -1: taken from the tokenizer
+    multiple_of: int = 256  # FFN hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    # Llama 3.1 RoPE frequency scaling; disabled when rope_scaling_factor is None.
+    rope_scaling_factor: Optional[float] = None
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_seq_len: int = 8192
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+
+# ---------------------------------------------------------------------------------------------
+# parallel
+# ---------------------------------------------------------------------------------------------
+class ReshardAfterForward(str, Enum):
+    default = "default"  # reshard every block except the last (its params are needed next)
+    always = "always"
+    never = "never"  # ZeRO-2-like: keep gathered params until backward
+
+
+class Launcher(str, Enum):
+    auto = "auto"  # env from torchrun/srun if present, else self-launch nproc_per_node workers
+    spawn = "spawn"  # always self-launch (elastic agent, spawn start method)
+    env = "env"  # this process is one rank; rank/world size come from the environment
+
+
+class PipelineSchedule(str, Enum):
+    GPipe = "GPipe"
+    OneFOneB = "1F1B"
+    Interleaved1F1B = "Interleaved1F1B"
+    LoopedBFS = "LoopedBFS"
+    InterleavedZeroBubble = "InterleavedZeroBubble"
+    ZBVZeroBubble = "ZBVZeroBubble"
+    DualPipeV = "DualPipeV"
+
+
+@dataclass
+class ParallelConfig:
+    name: str = "single"
+    nproc_per_node: int = 1
+    launcher: Launcher = Launcher.auto
+    backend: Optional[str] = None  # None: nccl on CUDA, gloo on CPU
+    timeout_s: int = 300  # collective timeout; a dead peer ends the job after this
+    # Mesh degrees; -1 means "whatever is left of the world size" (at most one may be -1).
+    dp_replicate: int = 1
+    dp_shard: int = -1
+    cp: int = 1
+    tp: int = 1
+    pp: int = 1
+    # FSDP2
+    fsdp: bool = True  # shard with fully_shard over dp_shard (False with dp_shard=1 => DDP)
+    reshard_after_forward: ReshardAfterForward = ReshardAfterForward.default
+    # Tensor parallel
+    sequence_parallel: bool = True
+    loss_parallel: bool = True
+    async_tp: bool = False  # CUDA + NCCL only (symmetric memory)
+    # Pipeline parallel
+    pp_schedule: PipelineSchedule = PipelineSchedule.OneFOneB
+    pp_microbatches: int = -1  # -1: one per stage... resolved as max(pp stages, 1)
+    pp_virtual_stages: int = 1  # stages per rank (2+ for interleaved / V schedules)
+    pp_layers_per_stage: Optional[list[int]] = None  # explicit split; None: even split
+
+
+# ---------------------------------------------------------------------------------------------
+# precision
+# ---------------------------------------------------------------------------------------------
+class Float8Recipe(str, Enum):
+    none = "none"
+    tensorwise = "tensorwise"
+    rowwise = "rowwise"
+    rowwise_with_gw_hp = "rowwise_with_gw_hp"
+    mxfp8 = "mxfp8"
+    mxfp8_emulated = "mxfp8_emulated"
+
+
+@dataclass
+class PrecisionConfig:
+    name: str = "fp32"
+    param_dtype: DType = DType.float32  # compute dtype of params (FSDP param_dtype / autocast)
+    reduce_dtype: DType = DType.float32  # gradient reduction dtype
+    float8: Float8Recipe = Float8Recipe.none
+    float8_min_dim: int = 16  # skip linears with a dim below this (or not divisible by 16)
+    fsdp_float8_all_gather: bool = True  # tensorwise only: all-gather weights in float8
+    optim_state_dtype: DType = DType.float32  # bfloat16: stochastic-rounded bf16 states
+
+
+# ---------------------------------------------------------------------------------------------
+# compile / activation checkpointing
+# ---------------------------------------------------------------------------------------------
+class CompileMode(str, Enum):
+    off = "off"
+    block = "block"  # each transformer block compiled (one graph reused by identical blocks)
+    model = "model"  # the whole model as one graph
+
+
+@dataclass
+class CompileConfig:
+    mode: CompileMode = CompileMode.off
+    loss: bool = False  # also compile the loss function
+    backend: str = "inductor"
+
+
+class ACMode(str, Enum):
+    none = "none"
+    full = "full"  # every block
+    selective_layer = "selective_layer"  # every `every`-th block
+    selective_op = "selective_op"  # save matmul outputs, recompute the rest
+
+
+@dataclass
+class ActivationCheckpointConfig:
+    mode: ACMode = ACMode.none
+    every: int = 2  # selective_layer: checkpoint every k-th block
+
+
+# ---------------------------------------------------------------------------------------------
+# optimizer and schedule
+# ---------------------------------------------------------------------------------------------
+class OptimName(str, Enum):
+    adamw = "adamw"
+    adam = "adam"
+    sgd = "sgd"
+
+
+@dataclass
+class OptimConfig:
+    name: OptimName = OptimName.adamw
+    lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    momentum: float = 0.9  # sgd only
+    # Norm weights, biases and embeddings are not decayed unless this is true.
+    decay_norms_and_embeddings: bool = False
+    max_norm: float = 1.0  # gradient clipping; <= 0 disables
+    fused: Optional[bool] = None  # None: torch's default
+
+
+class LRScheduleName(str, Enum):
+    wsd = "wsd"  # warmup-stable-decay
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+
+
+@dataclass
+class LRScheduleConfig:
+    name: LRScheduleName = LRScheduleName.wsd
+    warmup_steps: int = 20
+    decay_fraction: float = 0.2  # wsd: last fraction of steps spent decaying
+    min_lr_factor: float = 0.1  # final LR = lr * min_lr_factor
+
+
+# ---------------------------------------------------------------------------------------------
+# data and tokenizer
+# ---------------------------------------------------------------------------------------------
+class DataSource(str, Enum):
+    embedded = "embedded"  # Python's own sources and pydoc topics: no download
+    files = "files"  # local .txt / .jsonl / .parquet by glob
+    hf = "hf"  # Hugging Face `datasets` by name (streaming)
+
+
+@dataclass
+class DataConfig:
+    source: DataSource = DataSource.embedded
+    path: Optional[str] = None  # files: a glob; hf: dataset name or local data files
+    hf_config: Optional[str] = None
+    hf_split: str = "train"
+    text_field: str = "text"
+    val_fraction: float = 0.05  # share of documents held out for validation
+    max_documents: Optional[int] = None  # cap (quick experiments)
+
+
+class TokenizerKind(str, Enum):
+    default = "default"  # sentencepiece model trained on the embedded corpus, cached
+    sentencepiece = "sentencepiece"
+    tiktoken = "tiktoken"  # tiktoken-style BPE file (Llama 3 format)
+
+
+@dataclass
+class TokenizerConfig:
+    kind: TokenizerKind = TokenizerKind.default
+    path: Optional[str] = None
+    vocab_size: int = 2048  # default kind only
+    cache_dir: Optional[str] = None  # default kind: where the trained model is cached
+
+
+# ---------------------------------------------------------------------------------------------
+# logging, checkpointing, profiling
+# ---------------------------------------------------------------------------------------------
+class LogBackend(str, Enum):
+    none = "none"  # console + metrics.jsonl
+    wandb = "wandb"
+    tensorboard = "tensorboard"
+
+
+@dataclass
+class LoggingConfig:
+    backend: LogBackend = LogBackend.none
+    interval: int = 10  # steps between metric records
+    project: str = "titan"
+    entity: Optional[str] = None
+    group: Optional[str] = None  # None: the sweep (multirun) name, if any
+    name: Optional[str] = None  # None: derived from the overrides
+    mode: Optional[str] = None  # None: online with a key, else offline
+    tags: list[str] = field(default_factory=list)
+    peak_tflops: Optional[float] = None  # per-device peak for MFU; None: table or measured
+
+
+class AsyncMode(str, Enum):
+    off = "off"
+    thread = "thread"
+    process = "process"
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0  # steps between saves; 0 disables saving
+    keep_last_k: int = 2  # 0 keeps all
+    resume: str = "auto"  # auto | none | PATH
+    async_mode: AsyncMode = AsyncMode.off
+    save_final: bool = True  # also save at the last step (when interval > 0)
+    initial_load: Optional[str] = None  # weights at step 0: hf:PATH, a DCP/seed dir or a run dir
+    export_hf: bool = False  # write the final weights in Hugging Face format to RUN_DIR/hf
+    create_seed: bool = False  # write initialised step-0 weights to RUN_DIR/seed and exit
+
+
+@dataclass
+class ProfilingConfig:
+    trace_interval: int = 0  # every N steps record a torch.profiler trace; 0: off
+    trace_steps: int = 2
+    memory_record: bool = False  # per-step memory record (CPU RSS / CUDA snapshot)
+    flight_recorder: bool = False  # NCCL flight recorder
+    nan_check: str = "off"  # off | stop | skip
+
+
+# ---------------------------------------------------------------------------------------------
+# training and root
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class TrainingConfig:
+    steps: int = 300
+    seq_len: int = 256
+    global_batch_size: int = 8  # sequences per optimizer step, whole job
+    # Sequences per forward, per data-parallel rank; the rest of the global batch is gradient
+    # accumulation. -1: global_batch_size / data-parallel degree (no accumulation).
+    micro_batch_size: int = -1
+    seed: int = 42
+    dry_run: bool = False  # build on the meta device, print size and FLOPs, exit
+    device: Device = Device.auto
+    deterministic: bool = False  # torch.use_deterministic_algorithms
+    val_interval: int = 100  # 0 disables validation
+    val_batches: int = 4
+    threads: Optional[int] = None  # torch intra-op threads per rank on CPU; None: auto
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    compile: CompileConfig = field(default_factory=CompileConfig)
+    activation_checkpoint: ActivationCheckpointConfig = field(
+        default_factory=ActivationCheckpointConfig
+    )
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    # Filled by the launcher, not by users: where this run writes, and Hydra's group choices.
+    run_dir: str = "outputs/run"
+    choices: dict[str, Any] = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)
+    sweep_name: Optional[str] = None

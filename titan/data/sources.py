@@ -1,0 +1,134 @@
+"""Document sources: which texts make up the corpus, and which of them are held out.
+
+`load_documents(cfg, split)` returns either
+- an `IndexedDocuments` (embedded and files sources): a random-access sequence that reads each
+  document only when asked, so the loader can shuffle document order per epoch and resume at
+  any document without reading the ones before it; or
+- a `StreamingDocuments` (hf source): re-iterable in a fixed stream order.
+
+The train/val split is a stable hash of each document's name (its path relative to the glob's
+base, `path:line` / `path:row` for jsonl/parquet, its stream index for hf), so it does not
+depend on file order, rank or process. `max_documents` caps the corpus before the split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+from titan.config.errors import ConfigError
+from titan.config.schema import DataConfig, DataSource
+
+SPLITS = ("train", "val")
+
+
+def unit_hash(name: str) -> float:
+    """A stable pseudo-random number in [0, 1) for `name` (the same on every machine)."""
+    digest = hashlib.blake2b(name.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def is_held_out(name: str, val_fraction: float) -> bool:
+    return unit_hash(name) < val_fraction
+
+
+class IndexedDocuments(Sequence):
+    """Named documents whose text is read lazily by index."""
+
+    def __init__(self, names: list[str], read: Callable[[int], str], what: str = "documents"):
+        self.names = names
+        self._read = read
+        self.what = what  # for error messages: where these documents come from
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int) -> str:  # type: ignore[override]
+        if not -len(self.names) <= i < len(self.names):
+            raise IndexError(i)
+        return self._read(i % len(self.names))
+
+    def subset(self, indices: Sequence[int]) -> IndexedDocuments:
+        idx = list(indices)
+        names = [self.names[i] for i in idx]
+        return IndexedDocuments(names, lambda j: self._read(idx[j]), self.what)
+
+
+class StreamingDocuments:
+    """Documents from a stream, in stream order; every `iter()` starts a fresh pass."""
+
+    def __init__(self, open_stream: Callable[[], Iterable[str]], split: str, val_fraction: float,
+                 max_documents: int | None, what: str):
+        self._open = open_stream
+        self.split = split
+        self.val_fraction = val_fraction
+        self.max_documents = max_documents
+        self.what = what
+
+    def __iter__(self) -> Iterator[str]:
+        want_val = self.split == "val"
+        yielded = 0
+        for index, text in enumerate(self._open()):
+            if self.max_documents is not None and index >= self.max_documents:
+                break
+            if is_held_out(str(index), self.val_fraction) == want_val:
+                yielded += 1
+                yield text
+        if yielded == 0:
+            raise ConfigError(
+                "data.val_fraction" if want_val else "data.path",
+                f"the {self.split} split of {self.what} is empty "
+                f"(val_fraction={self.val_fraction}, max_documents={self.max_documents})",
+            )
+
+
+def split_indexed(docs: IndexedDocuments, split: str, val_fraction: float) -> IndexedDocuments:
+    """The `split` part of `docs` under the hash rule.
+
+    Small corpora (a handful of files) would often get no validation document at all, so when
+    the rule holds out none, or all, of two or more documents, the single document with the
+    smallest hash is held out instead.
+    """
+    hashes = [unit_hash(n) for n in docs.names]
+    val = {i for i, h in enumerate(hashes) if h < val_fraction}
+    if val_fraction > 0 and len(docs) >= 2 and len(val) in (0, len(docs)):
+        val = {min(range(len(docs)), key=hashes.__getitem__)}
+    picked = [i for i in range(len(docs)) if (i in val) == (split == "val")]
+    if not picked:
+        if split == "val":
+            raise ConfigError(
+                "data.val_fraction",
+                f"nothing to hold out for validation from {docs.what} ({len(docs)} document(s), "
+                f"val_fraction={val_fraction}); add documents, or set data.val_fraction=0 "
+                "and training.val_interval=0",
+            )
+        raise ConfigError("data.path", f"no training documents in {docs.what}")
+    return docs.subset(picked)
+
+
+def load_documents(cfg: DataConfig, split: str) -> IndexedDocuments | StreamingDocuments:
+    """The documents of `split` ("train" or "val") of the corpus `cfg` names."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise ConfigError("data.val_fraction", f"must be in [0, 1), got {cfg.val_fraction}")
+    if cfg.max_documents is not None and cfg.max_documents < 1:
+        raise ConfigError("data.max_documents", f"must be >= 1 or null, got {cfg.max_documents}")
+    source = DataSource(cfg.source)
+
+    if source == DataSource.hf:
+        from titan.data.hf_source import hf_documents
+
+        return hf_documents(cfg, split)
+
+    if source == DataSource.embedded:
+        from titan.data.embedded import embedded_documents
+
+        docs = embedded_documents()
+    else:
+        from titan.data.files import file_documents
+
+        docs = file_documents(cfg.path, cfg.text_field)
+    if cfg.max_documents is not None:
+        docs = docs.subset(range(min(cfg.max_documents, len(docs))))
+    return split_indexed(docs, split, cfg.val_fraction)

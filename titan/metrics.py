@@ -1,0 +1,179 @@
+"""Throughput, MFU, memory, and where metrics go (console, metrics.jsonl, W&B, TensorBoard).
+
+Only rank 0 builds sinks; other ranks pass `enabled=False` and log nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from titan.config.load import cache_dir, plain
+from titan.config.schema import LogBackend, TrainConfig
+
+log = logging.getLogger("titan")
+
+# Dense bf16 peak FLOP/s per GPU (vendor datasheets), matched by substring of the device name.
+GPU_PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,
+    "B200": 2250e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 125e12,
+    "L4": 121e12,
+}
+
+
+def measure_cpu_peak_flops(size: int = 1024, reps: int = 8) -> float:
+    """Best fp32 matmul rate with this process's thread count; the honest CPU 'peak'."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm up the BLAS
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best
+
+
+def peak_flops(device: torch.device, configured_tflops: Optional[float] = None) -> float:
+    """Per-device peak for MFU: configured, else the GPU table, else a cached CPU measurement."""
+    if configured_tflops:
+        return configured_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, flops in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return flops
+        log.warning("unknown GPU %r: MFU uses the H100 peak; set logging.peak_tflops", name)
+        return 989e12
+    key = f"{platform.node()}|{platform.processor() or platform.machine()}|{os.cpu_count()}|{torch.get_num_threads()}"
+    path = cache_dir() / "cpu_peak_flops.json"
+    cached = json.loads(path.read_text()) if path.exists() else {}
+    if key not in cached:
+        cached[key] = measure_cpu_peak_flops()
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cached))
+        os.replace(tmp, path)
+    return cached[key]
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif Path("/proc/self/clear_refs").exists():
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux)
+        except OSError:
+            pass
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """CUDA allocator peak on GPU; peak resident set size (VmHWM) of this process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class Throughput:
+    """Tokens/s, achieved TFLOP/s and MFU over the window since the last `measure`."""
+
+    def __init__(self, flops_per_token: float, world_size: int, peak_flops_per_device: float):
+        self.flops_per_token = flops_per_token
+        self.world_size = world_size
+        self.peak = peak_flops_per_device
+        self.tokens = 0
+        self.data_time = 0.0
+        self.t0 = time.perf_counter()
+
+    def add(self, tokens: int, data_time: float) -> None:
+        self.tokens += tokens
+        self.data_time += data_time
+
+    def measure(self) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        tps = self.tokens / elapsed
+        per_device = tps / self.world_size
+        flops = self.flops_per_token * per_device
+        out = {
+            "tokens_per_sec": tps,
+            "tokens_per_sec_per_device": per_device,
+            "tflops": flops / 1e12,
+            "mfu": flops / self.peak,
+            "data_time_frac": self.data_time / elapsed,
+        }
+        self.tokens, self.data_time, self.t0 = 0, 0.0, time.perf_counter()
+        return out
+
+
+def _console_line(record: dict[str, Any]) -> str:
+    if "val_loss" in record:
+        return f"step {record['step']:>6}  val_loss {record['val_loss']:.4f}  val_ppl {record['val_ppl']:.2f}"
+    return (
+        f"step {record['step']:>6}  loss {record['loss']:.4f}  grad_norm {record['grad_norm']:.3f}  "
+        f"lr {record['lr']:.2e}  tok/s {record['tokens_per_sec']:,.0f}  "
+        f"tflops {record['tflops']:.3f}  mfu {100 * record['mfu']:.1f}%  "
+        f"mem {record['memory_gib']:.2f}GiB  data {100 * record['data_time_frac']:.0f}%"
+    )
+
+
+class MetricsLogger:
+    """Console + metrics.jsonl always (rank 0); W&B or TensorBoard when configured."""
+
+    def __init__(self, cfg: TrainConfig, enabled: bool, resumed_step: int = 0):
+        self.enabled = enabled
+        self.backend = None
+        if not enabled:
+            return
+        run_dir = Path(cfg.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        if cfg.logging.backend is LogBackend.wandb:
+            from titan.wandb_sink import WandbSink
+
+            self.backend = WandbSink(cfg, resumed_step)
+        elif cfg.logging.backend is LogBackend.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.backend = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        log.info(_console_line(record))
+        self.jsonl.write(json.dumps(record) + "\n")
+        if self.backend is None:
+            return
+        if hasattr(self.backend, "add_scalar"):
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.backend.add_scalar(key, value, record["step"])
+        else:
+            self.backend.log(record)
+
+    def close(self, summary: Optional[dict[str, Any]] = None) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.close()
+        if self.backend is not None:
+            self.backend.close(summary) if hasattr(self.backend, "log") else self.backend.close()
+
+
+def write_summary(run_dir: str, summary: dict[str, Any]) -> None:
+    (Path(run_dir) / "summary.json").write_text(json.dumps(plain(summary), indent=2) + "\n")

@@ -1,0 +1,151 @@
+"""Tensor (+ sequence) parallelism for Llama3 with DTensor `parallelize_module` plans.
+
+Per block: wq/wk/wv/w1/w3 column-wise (each rank owns a slice of the heads / hidden units),
+wo/w2 row-wise (partial sums reduced on the way out). With sequence parallelism the norms
+and residual stream between the matmul regions are sharded on the sequence dim (Shard(1)),
+so the all-reduce after wo/w2 becomes a reduce-scatter and the gather happens before
+attention / feed-forward. The embedding is vocab-parallel (row-wise); the output projection
+is column-wise and keeps vocab-sharded logits (Shard(-1)) for `loss_parallel`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+from torch import nn
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+from titan.config.errors import ConfigError
+
+
+def _is_float8_tensorwise(module: nn.Module) -> bool:
+    """torchao's float8 TP styles cast before the all-gather; they assume tensorwise scales.
+    Rowwise-scaled Float8Linear modules take the plain styles."""
+    if "torchao" not in sys.modules:  # nothing can be a Float8Linear; skip the slow import
+        return False
+    from torchao.float8.config import ScalingGranularity
+    from torchao.float8.float8_linear import Float8Linear
+
+    return (
+        isinstance(module, Float8Linear)
+        and module.config.cast_config_input.scaling_granularity is ScalingGranularity.TENSORWISE
+    )
+
+
+def _styles(*linears: nn.Module, float8_collectives: bool = True):
+    """(colwise, rowwise, prepare_input) classes: float8 ones when every linear is float8 and
+    the backend can move float8 tensors (gloo cannot: "Invalid scalar type"), else plain ones
+    (a Float8Linear then casts after the high-precision all-gather)."""
+    if float8_collectives and linears and all(_is_float8_tensorwise(m) for m in linears):
+        from torchao.float8.float8_tensor_parallel import (
+            Float8ColwiseParallel,
+            Float8RowwiseParallel,
+            PrepareFloat8ModuleInput,
+        )
+
+        return Float8ColwiseParallel, Float8RowwiseParallel, PrepareFloat8ModuleInput
+    return ColwiseParallel, RowwiseParallel, PrepareModuleInput
+
+
+def _check_divisible(model: nn.Module, tp: int) -> None:
+    a = model.args
+    for key, value in (
+        ("model.n_heads", a.n_heads),
+        ("model.n_kv_heads", a.kv_heads),
+        ("model.multiple_of", a.ffn_hidden),
+        ("model.vocab_size", a.vocab_size),
+    ):
+        if value % tp:
+            raise ConfigError(key, f"{value} is not divisible by parallel.tp={tp}")
+
+
+def _block_plan(block: nn.Module, sp: bool, float8_collectives: bool) -> dict:
+    attn, ffn = block.attention, block.feed_forward
+    linears = (attn.wq, attn.wk, attn.wv, attn.wo, ffn.w1, ffn.w2, ffn.w3)
+    col, row, prepare = _styles(*linears, float8_collectives=float8_collectives)
+    stream = Shard(1) if sp else Replicate()  # layout of the residual stream between blocks
+    plan = {
+        "attention.wq": col(),
+        "attention.wk": col(),
+        "attention.wv": col(),
+        "attention.wo": row(output_layouts=stream),
+        "feed_forward.w1": col(),
+        "feed_forward.w3": col(),
+        "feed_forward.w2": row(output_layouts=stream),
+    }
+    if sp:
+        plan.update(
+            {
+                "attention_norm": SequenceParallel(),
+                "ffn_norm": SequenceParallel(),
+                # Gather the sequence once per region; the RoPE table (2nd input) is left alone.
+                "attention": prepare(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)),
+                "feed_forward": prepare(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            }
+        )
+    return plan
+
+
+def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool = True, loss_parallel: bool = True, async_tp: bool = False) -> nn.Module:
+    """Shard `model` (a Llama3, possibly a pipeline stage of one) over `tp_mesh`, in place.
+
+    With `loss_parallel` the logits are a vocab-sharded DTensor: compute the loss (and call
+    backward) inside `loss_parallel_context(True)`. Otherwise they are plain, full tensors."""
+    _check_divisible(model, tp_mesh.size())
+    sp = sequence_parallel
+    stream = Shard(1) if sp else Replicate()
+    float8_collectives = tp_mesh.device_type != "cpu"
+    root_plan = {}
+    if model.tok_embeddings is not None:
+        root_plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=stream)
+    if model.norm is not None and sp:
+        root_plan["norm"] = SequenceParallel()
+    if model.output is not None:
+        col, _, _ = _styles(model.output, float8_collectives=float8_collectives)
+        root_plan["output"] = col(
+            input_layouts=stream,
+            output_layouts=Shard(-1) if loss_parallel else Replicate(),
+            use_local_output=not loss_parallel,
+        )
+    parallelize_module(model, tp_mesh, root_plan)
+    if model.args.tie_embeddings and model.output is not None and model.tok_embeddings is not None:
+        # Both weights are (vocab, dim) sharded on vocab; parallelize_module replaced them
+        # with separate parameters, so tie them again.
+        model.output.weight = model.tok_embeddings.weight
+    for block in model.layers.values():
+        parallelize_module(block, tp_mesh, _block_plan(block, sp, float8_collectives))
+    if sp and model.tok_embeddings is not None:
+        # Compiled blocks fail in backward when their first input is the embedding's own
+        # output under SP (measured, torch 2.13); a clone in between avoids it.
+        model.tok_embeddings.register_forward_hook(lambda mod, args, out: out.clone())
+    if async_tp:
+        enable_async_tp(tp_mesh)
+    return model
+
+
+def enable_async_tp(tp_mesh) -> None:
+    """Let torch.compile overlap TP collectives with matmuls (symmetric memory, CUDA only)."""
+    if tp_mesh.device_type != "cuda":
+        raise ConfigError("parallel.async_tp", "async TP needs CUDA + NCCL (symmetric memory); set parallel.async_tp=false on CPU")
+    import torch._inductor.config
+    from torch.distributed._symmetric_memory import enable_symm_mem_for_group
+
+    torch._inductor.config._micro_pipeline_tp = True
+    enable_symm_mem_for_group(tp_mesh.get_group().group_name)
+
+
+def loss_parallel_context(enabled: bool):
+    """Context for the loss *and its backward* when logits are vocab-sharded DTensors."""
+    if not enabled:
+        return contextlib.nullcontext()
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    return loss_parallel()

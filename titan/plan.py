@@ -1,0 +1,644 @@
+"""Memory and scale planner: what one training step of a config costs on each rank.
+
+Nothing real is allocated: parameter shapes come from the model built on the meta device and
+the rest is analytical. All sizes are bytes per rank; the pipeline rank with the highest peak
+decides the verdict. docs/planner.md derives every term and compares them with measurements.
+
+Storage conventions (they follow titan's code, not a generic textbook):
+- parameters and gradients are kept in fp32 on every layout: FSDP2 holds fp32 shards (the
+  master weights) and casts to `param_dtype` when it gathers; without FSDP a bf16 run uses
+  autocast over fp32 weights. Optimizer states are `optim_state_dtype`.
+- activations are counted tensor by tensor as autograd saves them in `titan.models.llama3`
+  (measured with saved-tensor hooks, see tests/test_plan.py), in `param_dtype`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+from titan.config.errors import ConfigError
+from titan.config.schema import (
+    ACMode,
+    Device,
+    DType,
+    Float8Recipe,
+    OptimName,
+    PipelineSchedule,
+    ReshardAfterForward,
+    TrainConfig,
+)
+from titan.models import LlamaArgs, build_model, count_params, flops_per_token, model_args
+
+GIB = 1024**3
+DTYPE_BYTES = {DType.float32: 4, DType.bfloat16: 2, DType.float16: 2}
+FP32 = 4
+H100_BF16_TFLOPS = 989.0  # dense bf16 peak, H100 SXM
+
+# Column-parallel weights are split on dim 0 by TP, row-parallel ones on dim 1; 1-D params
+# (norms) are replicated. The embedding is vocab-parallel: also dim 0.
+_ROWWISE = ("attention.wo.weight", "feed_forward.w2.weight")
+
+
+# ---------------------------------------------------------------------------------------------
+# layout
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Layout:
+    dp_replicate: int
+    dp_shard: int
+    cp: int
+    tp: int
+    pp: int
+    fsdp: bool  # parameters sharded over dp_shard x cp (FSDP2 / HSDP)
+    sequence_parallel: bool
+    loss_parallel: bool
+
+    @property
+    def world(self) -> int:
+        return self.dp_replicate * self.dp_shard * self.cp * self.tp * self.pp
+
+    @property
+    def shard(self) -> int:
+        """Ranks a parameter is FSDP-sharded over (1: not sharded)."""
+        return self.dp_shard * self.cp if self.fsdp else 1
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def replicate(self) -> int:
+        """Ranks gradients are all-reduced over: dp_replicate (HSDP/DDP)."""
+        return self.dp_replicate
+
+
+def resolve_degrees(cfg: TrainConfig, world_size: int) -> dict[str, int]:
+    """Mesh degrees with the one -1 filled, by titan.parallel.mesh's rule (re-stated here so
+    planning does not import torch.distributed; a test checks the two agree)."""
+    dims = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+    given = {d: getattr(cfg.parallel, d) for d in dims}
+    free = [d for d, v in given.items() if v == -1]
+    bad = [d for d, v in given.items() if v == 0 or v < -1]
+    if bad or len(free) > 1:
+        key = bad[0] if bad else free[1]
+        raise ConfigError(f"parallel.{key}", "each degree is a positive integer, and at most one is -1 (the rest)")
+    fixed = math.prod(v for v in given.values() if v != -1)
+    if free:
+        if world_size % fixed:
+            raise ConfigError(f"parallel.{free[0]}", f"-1 cannot fill world size {world_size}: the other degrees multiply to {fixed}")
+        given[free[0]] = world_size // fixed
+    elif fixed != world_size:
+        raise ConfigError("parallel", f"the degrees multiply to {fixed} ranks, but world_size is {world_size}")
+    return given
+
+
+def resolve_layout(cfg: TrainConfig, world_size: int) -> Layout:
+    d = resolve_degrees(cfg, world_size)
+    p = cfg.parallel
+    # Mirrors titan.parallel: FSDP when dp_shard x cp > 1, otherwise DDP or a single replica.
+    return Layout(
+        dp_replicate=d["dp_replicate"],
+        dp_shard=d["dp_shard"],
+        cp=d["cp"],
+        tp=d["tp"],
+        pp=d["pp"],
+        fsdp=d["dp_shard"] * d["cp"] > 1,
+        sequence_parallel=p.sequence_parallel and d["tp"] > 1,
+        loss_parallel=p.loss_parallel and d["tp"] > 1,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# parameters (shapes from the meta model)
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ParamShapes:
+    """Unique parameter shapes by role. All blocks are identical, so block 0 stands for all."""
+
+    block: dict[str, tuple[int, ...]]
+    embedding: tuple[int, ...]
+    output: tuple[int, ...]
+    final_norm: tuple[int, ...]
+    tied: bool
+    total: int  # count_params of the whole model
+
+    @property
+    def block_numel(self) -> int:
+        return sum(math.prod(s) for s in self.block.values())
+
+
+def param_shapes(args: LlamaArgs) -> ParamShapes:
+    model = build_model(args)  # meta device: shapes only
+    block = {n: tuple(p.shape) for n, p in model.layers["0"].named_parameters()}
+    return ParamShapes(
+        block=block,
+        embedding=tuple(model.tok_embeddings.weight.shape),
+        output=tuple(model.output.weight.shape),
+        final_norm=tuple(model.norm.weight.shape),
+        tied=args.tie_embeddings,
+        total=count_params(model),
+    )
+
+
+def local_numel(name: str, shape: tuple[int, ...], tp: int, shard: int) -> int:
+    """Elements of one parameter on one rank: TP split, then FSDP2's dim-0 split (padded up)."""
+    dims = list(shape)
+    if len(dims) == 2:
+        split = 1 if name.endswith(_ROWWISE) else 0
+        dims[split] = math.ceil(dims[split] / tp)
+    dims[0] = math.ceil(dims[0] / shard)
+    return math.prod(dims)
+
+
+# ---------------------------------------------------------------------------------------------
+# pipeline stages
+# ---------------------------------------------------------------------------------------------
+_V_SHAPED = (PipelineSchedule.ZBVZeroBubble, PipelineSchedule.DualPipeV)
+_INTERLEAVED = (PipelineSchedule.Interleaved1F1B, PipelineSchedule.InterleavedZeroBubble)
+
+
+@dataclass
+class StageRank:
+    pp_rank: int
+    layers: int
+    has_embedding: bool
+    has_output: bool
+    in_flight: float  # micro-batches whose activations this rank holds at its peak (whole-rank units)
+
+
+def stage_layers(n_layers: int, n_stages: int, explicit: Optional[list[int]]) -> list[int]:
+    if explicit:
+        if len(explicit) != n_stages or sum(explicit) != n_layers:
+            raise ConfigError(
+                "parallel.pp_layers_per_stage",
+                f"needs {n_stages} entries summing to {n_layers}, got {explicit}",
+            )
+        return list(explicit)
+    base, extra = divmod(n_layers, n_stages)
+    return [base + (1 if s < extra else 0) for s in range(n_stages)]
+
+
+def chunks_in_flight(schedule: PipelineSchedule, pp: int, v: int, n_mb: int, rank: int) -> float:
+    """Forward chunks (one stage x one micro-batch) whose activations wait for their backward,
+    at the worst moment for `rank`. From the schedules' warm-up depth: 1F1B holds pp - rank;
+    interleaved 1F1B warms up (v-1)*pp + 2*(pp-1-rank) chunks; GPipe / breadth-first hold all;
+    ZB-V matches 1F1B's peak (2 chunks per micro-batch); DualPipeV holds one micro-batch more."""
+    if pp == 1:
+        return 1.0
+    if schedule is PipelineSchedule.GPipe:
+        return float(n_mb * v)
+    if schedule is PipelineSchedule.LoopedBFS:
+        return float(n_mb * v)
+    if schedule in _INTERLEAVED and v > 1:
+        return float(min(n_mb * v, (v - 1) * pp + 2 * (pp - 1 - rank) + 1))
+    if schedule is PipelineSchedule.ZBVZeroBubble:
+        return float(min(2 * n_mb, 2 * pp))
+    if schedule is PipelineSchedule.DualPipeV:
+        return float(min(2 * n_mb, 2 * (pp + 1)))
+    return float(min(n_mb, pp - rank) * v)  # 1F1B (and interleaved with one stage per rank)
+
+
+def pipeline_ranks(cfg: TrainConfig, layout: Layout, n_mb: int) -> list[StageRank]:
+    p = cfg.parallel
+    pp = layout.pp
+    v = p.pp_virtual_stages if pp > 1 else 1
+    if p.pp_schedule in _V_SHAPED and pp > 1:
+        v = 2
+    n_stages = pp * v
+    if cfg.model.n_layers < n_stages:
+        raise ConfigError("parallel.pp", f"{n_stages} stages need at least {n_stages} layers, the model has {cfg.model.n_layers}")
+    per_stage = stage_layers(cfg.model.n_layers, n_stages, p.pp_layers_per_stage if pp > 1 else None)
+    ranks = []
+    for r in range(pp):
+        if p.pp_schedule in _V_SHAPED and pp > 1:
+            stages = [r, n_stages - 1 - r]  # V shape: rank 0 holds the first and the last stage
+        else:
+            stages = [r + i * pp for i in range(v)]  # looped
+        chunks = chunks_in_flight(p.pp_schedule, pp, v, n_mb, r)
+        ranks.append(
+            StageRank(
+                pp_rank=r,
+                layers=sum(per_stage[s] for s in stages),
+                has_embedding=0 in stages,
+                has_output=n_stages - 1 in stages,
+                in_flight=chunks / v,
+            )
+        )
+    return ranks
+
+
+# ---------------------------------------------------------------------------------------------
+# activations
+# ---------------------------------------------------------------------------------------------
+def block_saved_bytes(args: LlamaArgs, tokens: float, act: int, layout: Layout, cpu: bool) -> dict[str, float]:
+    """Tensors one Llama block saves for backward, for `tokens` tokens on this rank (already
+    divided by cp), by role. `act` = bytes per element of the compute dtype.
+
+    - each RMSNorm saves its input and 1/rms; the CPU build runs the composite kernel, which
+      also keeps the normalised tensor, both upcast to fp32 (the fused CUDA kernel saves only
+      the input, in its dtype);
+    - the matmul inputs n1 = norm(x) and n2 = norm(h): under TP+SP they are the all-gathered,
+      full-sequence tensors, so they are *not* divided by tp;
+    - SDPA keeps q, k, v (k/v after the GQA repeat, so n_heads wide; all-gathered over the
+      full sequence under CP), its output (= wo's input) and the fp32 logsumexp;
+    - SwiGLU keeps w1's output (silu input), silu's output and w3's output (the product's
+      inputs) and the product (w2's input): 4 x ffn_hidden.
+    RoPE saves only its cos/sin table (a buffer); the residual adds save nothing."""
+    tp, sp = layout.tp, layout.tp if layout.sequence_parallel else 1
+    d, f, heads = args.dim, args.ffn_hidden, args.n_heads
+    width = heads * args.head_dim
+    norm_elem = 2 * FP32 if cpu else act
+    return {
+        ("norm inputs + normalised (fp32)" if cpu else "norm inputs"): 2 * tokens * (d * norm_elem + FP32) / sp,
+        "matmul inputs n1, n2": 2 * tokens * d * act,
+        "q": tokens * width * act / tp,
+        "k, v (repeated to n_heads)": 2 * tokens * layout.cp * width * act / tp,
+        "attention output": tokens * width * act / tp,
+        "logsumexp": tokens * heads * FP32 / tp,
+        "SwiGLU (w1, silu, w3, product)": 4 * tokens * f * act / tp,
+    }
+
+
+def sac_saved_bytes(args: LlamaArgs, tokens: float, act: int, layout: Layout) -> float:
+    """Per-op selective AC (titan's policy): the block input plus every matmul and attention
+    output. Row-parallel outputs (wo, w2) are partial sums of the full sequence under TP."""
+    tp, sp = layout.tp, layout.tp if layout.sequence_parallel else 1
+    d, f, kv = args.dim, args.ffn_hidden, args.kv_heads * args.head_dim
+    width = args.n_heads * args.head_dim
+    per_token = (
+        d / sp  # block input
+        + (width + 2 * kv) / tp  # wq, wk, wv
+        + width / tp  # attention output
+        + 2 * d  # wo and w2 outputs
+        + 2 * f / tp  # w1, w3
+    ) * act + args.n_heads * FP32 / tp
+    return tokens * per_token
+
+
+@dataclass
+class Activations:
+    saved: float  # everything kept for backward across the in-flight micro-batches
+    block_backward: float  # transient while one block runs backward: its recompute + gradients
+    loss_backward: float  # transient of the loss backward (0 off the last stage)
+    logits_grad: float  # the logits' gradient, alive during the output projection's backward
+    per_layer: float  # one block, one micro-batch, no AC
+
+
+def activations(args: LlamaArgs, cfg: TrainConfig, layout: Layout, rank: StageRank, tokens: float, act: int, cpu: bool) -> Activations:
+    """`tokens`: one micro-batch (PP micro-batch when pp > 1) on this rank, after cp."""
+    full = sum(block_saved_bytes(args, tokens, act, layout, cpu).values())
+    sp = layout.tp if layout.sequence_parallel else 1
+    block_input = tokens * args.dim * act / sp
+    ac = cfg.activation_checkpoint
+    n = rank.layers
+    if ac.mode is ACMode.full:
+        kept, recompute = n * block_input, full
+    elif ac.mode is ACMode.selective_layer:
+        # titan wraps the blocks whose index is a multiple of `every`: about n / every of them.
+        wrapped = math.ceil(n / max(ac.every, 1))
+        kept, recompute = wrapped * block_input + (n - wrapped) * full, full
+    elif ac.mode is ACMode.selective_op:
+        sac = sac_saved_bytes(args, tokens, act, layout)
+        kept, recompute = n * sac, max(full - sac, 0.0)
+    else:
+        kept, recompute = n * full, 0.0
+    saved = kept * rank.in_flight
+
+    # Backward of one block: gradients of the widest tensors (SwiGLU) and of the stream.
+    block_grads = tokens * (3 * args.ffn_hidden / layout.tp + 2 * args.dim) * act
+    loss = logits_grad = 0.0
+    if rank.has_output:
+        # The final norm's input and the output projection's (gathered) input stay saved for
+        # one micro-batch. The loss keeps the fp32 log-softmax; its backward briefly holds that,
+        # its gradient and the logits' fp32 gradient: 3 x tokens x vocab x 4 bytes (/tp when
+        # the loss is vocab-parallel).
+        norm_elem = 2 * FP32 if cpu else act
+        saved += tokens * (args.dim * norm_elem / sp + args.dim * act)
+        vocab = args.vocab_size / (layout.tp if layout.loss_parallel else 1)
+        loss = 3 * tokens * vocab * FP32
+        logits_grad = tokens * vocab * act
+    return Activations(saved, recompute + block_grads, loss, logits_grad, full)
+
+
+# ---------------------------------------------------------------------------------------------
+# per-rank memory
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class RankMemory:
+    pp_rank: int
+    layers: int
+    has_embedding: bool
+    has_output: bool
+    in_flight: float
+    params: float
+    grads: float
+    optim_states: float
+    fsdp_buffers: float  # gathered (unsharded) parameters: current + prefetched group
+    compute_copies: float  # bf16 weight copies without FSDP (autocast cache)
+    activations: float
+    working: float  # largest transient of backward: loss, a recomputed block, FSDP grad buffers
+    optim_step: float  # optimizer temporaries (foreach / per-parameter)
+    grads_during_backward: float  # grads that already exist while activations are alive
+    peak: float = 0.0
+    peak_phase: str = ""
+
+    def __post_init__(self) -> None:
+        fb = self.grads_during_backward + self.fsdp_buffers + self.compute_copies + self.activations + self.working
+        opt = self.grads + self.optim_step
+        base = self.params + self.optim_states
+        self.peak = base + max(fb, opt)
+        self.peak_phase = "forward/backward" if fb >= opt else "optimizer step"
+
+    def consumers(self) -> list[tuple[str, float]]:
+        """What makes up the peak, biggest first."""
+        parts = {"parameters (fp32)": self.params, "optimizer states": self.optim_states}
+        if self.peak_phase == "optimizer step":
+            parts.update({"gradients": self.grads, "optimizer temporaries": self.optim_step})
+        else:
+            parts.update(
+                {
+                    "gradients": self.grads_during_backward,
+                    "FSDP gathered parameters": self.fsdp_buffers,
+                    "bf16 weight copies": self.compute_copies,
+                    "activations": self.activations,
+                    "backward working set": self.working,
+                }
+            )
+        return sorted(((k, v) for k, v in parts.items() if v > 0), key=lambda kv: -kv[1])
+
+
+def _units(shapes: ParamShapes, rank: StageRank, layout: Layout) -> list[float]:
+    """FSDP groups on this rank, as unsharded (after TP) element counts: each block, the
+    embedding, norm+output; with tied weights the root holds embedding, norm and output."""
+    tp = layout.tp
+    block = sum(local_numel(n, s, tp, 1) for n, s in shapes.block.items())
+    units = [float(block)] * rank.layers
+    emb = local_numel("tok_embeddings.weight", shapes.embedding, tp, 1)
+    tail = local_numel("output.weight", shapes.output, tp, 1) + math.prod(shapes.final_norm)
+    if shapes.tied and layout.pp == 1:
+        units.append(float(emb + math.prod(shapes.final_norm)))
+    else:
+        if rank.has_embedding:
+            units.append(float(emb))
+        if rank.has_output:
+            units.append(float(tail))
+    return units
+
+
+def rank_memory(args: LlamaArgs, shapes: ParamShapes, cfg: TrainConfig, layout: Layout, rank: StageRank, tokens: float, micro_batches: int, cpu: bool) -> RankMemory:
+    prec, tp, shard = cfg.precision, layout.tp, layout.shard
+    act = DTYPE_BYTES[prec.param_dtype]
+    state_bytes = DTYPE_BYTES[prec.optim_state_dtype]
+
+    # Parameters held by this rank (a tied weight counts once unless PP puts its two uses on
+    # different ranks).
+    local = [local_numel(n, s, tp, shard) for n, s in shapes.block.items()] * rank.layers
+    if rank.has_embedding:
+        local.append(local_numel("tok_embeddings.weight", shapes.embedding, tp, shard))
+    if rank.has_output:
+        if not (shapes.tied and rank.has_embedding):
+            local.append(local_numel("output.weight", shapes.output, tp, shard))
+        local.append(local_numel("norm.weight", shapes.final_norm, tp, shard))
+    n_local = float(sum(local))
+    biggest = float(max(local))
+
+    n_states = {OptimName.adamw: 2, OptimName.adam: 2, OptimName.sgd: 1 if cfg.optim.momentum > 0 else 0}[cfg.optim.name]
+    params, grads = n_local * FP32, n_local * FP32
+    optim_states = n_local * n_states * state_bytes
+
+    # FSDP2 gathers one group at a time and prefetches the next: two groups unsharded (all of
+    # them with reshard_after_forward=never). A group's backward adds its unsharded gradient
+    # (compute dtype) and the reduce-scatter input (reduce_dtype).
+    gathered = block_grad_bufs = output_grad_bufs = 0.0
+    if layout.fsdp:
+        units = _units(shapes, rank, layout)
+        gather = act
+        if prec.float8 is Float8Recipe.tensorwise and prec.fsdp_float8_all_gather:
+            gather = 1  # float8 all-gather (applies to the linears; ends approximated alike)
+        never = cfg.parallel.reshard_after_forward is ReshardAfterForward.never
+        gathered = (sum(units) if never else sum(sorted(units)[-2:])) * gather
+        grad_bytes = act + DTYPE_BYTES[prec.reduce_dtype]
+        block_grad_bufs = (units[0] if rank.layers else 0.0) * grad_bytes
+        output_grad_bufs = (units[-1] if rank.has_output else 0.0) * grad_bytes
+    # Without FSDP, bf16 compute casts the fp32 weights once per step and keeps the copies
+    # until backward (autocast's weight cache; replicate's bf16 unsharded params).
+    compute_copies = n_local * act if (not layout.fsdp and act < FP32) else 0.0
+
+    # The transient on top of the saved activations peaks at one of three moments.
+    a = activations(args, cfg, layout, rank, tokens, act, cpu)
+    working = max(a.loss_backward, a.block_backward + block_grad_bufs, a.logits_grad + output_grad_bufs)
+
+    # Optimizer temporaries: torch's foreach AdamW (the CUDA default) builds one full list of
+    # sqrt(exp_avg_sq); the per-parameter loop (CPU default, bf16-state optimizers) only a few
+    # tensors the size of the largest parameter; fused kernels none.
+    if cfg.optim.fused:
+        optim_step = 0.0
+    elif cpu or prec.optim_state_dtype is not DType.float32:
+        optim_step = 2.0 * biggest * FP32
+    else:
+        optim_step = n_local * state_bytes if n_states else 0.0
+
+    return RankMemory(
+        pp_rank=rank.pp_rank,
+        layers=rank.layers,
+        has_embedding=rank.has_embedding,
+        has_output=rank.has_output,
+        in_flight=rank.in_flight,
+        params=params,
+        grads=grads,
+        optim_states=optim_states,
+        fsdp_buffers=gathered,
+        compute_copies=compute_copies,
+        activations=a.saved,
+        working=working,
+        optim_step=optim_step,
+        # With several micro-batches per step (accumulation or PP), the gradients of earlier
+        # ones are alive while the last one's activations are; with one, they only start to
+        # appear as activations are freed.
+        grads_during_backward=grads if micro_batches > 1 else 0.0,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# communication (bytes each rank sends per optimizer step; ring algorithms)
+# ---------------------------------------------------------------------------------------------
+def communication(args: LlamaArgs, shapes: ParamShapes, cfg: TrainConfig, layout: Layout, rank: StageRank, tokens: float, accum: int, n_mb: int) -> dict[str, float]:
+    """Per mesh dim. All-gather / reduce-scatter of X bytes over n ranks: (n-1)/n x X sent per
+    rank; all-reduce: twice that. Assumptions: FSDP gathers every forward and (when it
+    reshards) every backward and reduce-scatters every backward, i.e. once per micro-batch
+    (titan does not skip gradient sync while accumulating); HSDP/DDP all-reduce likewise."""
+    prec = cfg.precision
+    act = DTYPE_BYTES[prec.param_dtype]
+    red = DTYPE_BYTES[prec.reduce_dtype]
+    out: dict[str, float] = {}
+    units = _units(shapes, rank, layout)
+    unsharded = sum(units)  # after TP, before FSDP
+    passes = accum * (n_mb if layout.pp > 1 else 1)  # forward+backward passes per step
+
+    n = layout.shard
+    if n > 1:
+        reshard = cfg.parallel.reshard_after_forward
+        regather = 0.0 if reshard is ReshardAfterForward.never else unsharded
+        if reshard is ReshardAfterForward.default and layout.pp == 1:
+            regather -= units[-1]  # the last group stays gathered for backward
+        out["dp_shard x cp: FSDP all-gather"] = passes * (unsharded + regather) * act * (n - 1) / n
+        out["dp_shard x cp: FSDP reduce-scatter"] = passes * unsharded * red * (n - 1) / n
+    r = layout.replicate
+    if r > 1:
+        out["dp_replicate: gradient all-reduce"] = passes * (unsharded / n) * red * 2 * (r - 1) / r
+
+    tp = layout.tp
+    if tp > 1:
+        # Per block: gather before attention and MLP, reduce(-scatter) after wo and w2, in
+        # forward, mirrored in backward: 8 tensors of tokens x dim (all-reduce without SP has the
+        # same volume as reduce-scatter + all-gather). Recomputed blocks gather again.
+        ac = cfg.activation_checkpoint
+        recomputed = {ACMode.full: 4.0, ACMode.selective_op: 2.0}.get(ac.mode, 0.0)
+        if ac.mode is ACMode.selective_layer:
+            recomputed = 4.0 / max(ac.every, 1)
+        per_block = 8 + recomputed
+        ends = 4 * (int(rank.has_embedding) + int(rank.has_output))
+        out["tp: activation gathers / reduce-scatters"] = passes * (rank.layers * per_block + ends) * tokens * args.dim * act * (tp - 1) / tp
+
+    if layout.pp > 1:
+        # Each chunk sends its output forward and its input gradient backward.
+        chunks = 2 if cfg.parallel.pp_schedule in _V_SHAPED else cfg.parallel.pp_virtual_stages
+        per_mb = 2 * chunks * tokens * args.dim * act / (tp if layout.sequence_parallel else 1)
+        out["pp: stage activations send/recv"] = accum * n_mb * per_mb
+
+    cp = layout.cp
+    if cp > 1:
+        # K and V (n_heads wide after the GQA repeat) gathered per block in forward,
+        # their gradients reduce-scattered in backward.
+        width = args.n_heads * args.head_dim / tp
+        ac_regather = 1 if cfg.activation_checkpoint.mode is ACMode.full else 0
+        kv = 2 * tokens * cp * width * act
+        out["cp: K/V all-gather + grad reduce-scatter"] = passes * rank.layers * (2 + ac_regather) * kv * (cp - 1) / cp
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    model: str
+    n_params: int
+    layout: dict[str, int | bool]
+    world_size: int
+    seq_len: int
+    micro_batch_size: int
+    global_batch_size: int
+    accum_steps: int
+    pp_microbatches: int
+    tokens_per_microbatch: float  # on one rank (after cp), one forward (PP micro-batch if pp > 1)
+    ranks: list[RankMemory]
+    worst: RankMemory
+    per_layer_activation: float
+    activation_detail: dict[str, float]
+    communication: dict[str, float]
+    flops_per_token: float
+    flops_per_step: float
+    peak_tflops: float
+    mfu: float
+    step_time_s: float
+    tokens_per_s: float
+    device_memory: float
+    headroom: float
+    usable_memory: float
+    fits: bool
+    notes: list[str]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["worst"]["consumers"] = dict(self.worst.consumers())
+        return d
+
+
+def plan(
+    cfg: TrainConfig,
+    world_size: Optional[int] = None,
+    device_memory_gib: float = 80.0,
+    headroom: float = 0.1,
+    peak_tflops: Optional[float] = None,
+    mfu: float = 0.4,
+) -> Plan:
+    """Estimate memory, communication and speed of `cfg` on `world_size` ranks.
+
+    world_size None: parallel.nproc_per_node when a degree is -1, else the product of the
+    degrees. `headroom`: share of device memory kept free (allocator fragmentation, CUDA
+    context, NCCL buffers)."""
+    p, t = cfg.parallel, cfg.training
+    if world_size is None:
+        degrees = [p.dp_replicate, p.dp_shard, p.cp, p.tp, p.pp]
+        world_size = p.nproc_per_node if -1 in degrees else math.prod(degrees)
+    if not 0 <= headroom < 1:
+        raise ConfigError("headroom", f"must be in [0, 1), got {headroom}")
+    if not 0 < mfu <= 1:
+        raise ConfigError("mfu", f"must be in (0, 1], got {mfu}")
+    layout = resolve_layout(cfg, world_size)
+    notes: list[str] = []
+
+    vocab = cfg.model.vocab_size if cfg.model.vocab_size > 0 else cfg.tokenizer.vocab_size
+    args = model_args(cfg.model, vocab, t.seq_len)
+    shapes = param_shapes(args)
+    cpu = t.device is Device.cpu
+
+    global_batch = t.global_batch_size
+    if global_batch < t.micro_batch_size * layout.dp:
+        global_batch = t.micro_batch_size * layout.dp
+        notes.append(f"training.global_batch_size={t.global_batch_size} is below one micro-batch per data-parallel rank; planned with {global_batch}")
+    accum = max(1, global_batch // (t.micro_batch_size * layout.dp))
+    n_mb = (p.pp_microbatches if p.pp_microbatches > 0 else layout.pp * max(p.pp_virtual_stages, 1)) if layout.pp > 1 else 1
+    if t.micro_batch_size % n_mb:
+        notes.append(f"micro_batch_size={t.micro_batch_size} does not split into {n_mb} pipeline micro-batches; planned with fractional ones")
+    tokens = t.micro_batch_size / n_mb * t.seq_len / layout.cp
+    micro_batches = accum * n_mb
+
+    ranks = pipeline_ranks(cfg, layout, n_mb)
+    memories = [rank_memory(args, shapes, cfg, layout, r, tokens, micro_batches, cpu) for r in ranks]
+    worst = max(memories, key=lambda m: m.peak)
+    comms = [communication(args, shapes, cfg, layout, r, tokens, accum, n_mb) for r in ranks]
+    comm = {k: max(c.get(k, 0.0) for c in comms) for k in comms[0]}
+    detail = block_saved_bytes(args, tokens, DTYPE_BYTES[cfg.precision.param_dtype], layout, cpu)
+
+    fpt = flops_per_token(args, shapes.total, t.seq_len)
+    tokens_per_step = global_batch * t.seq_len
+    flops_step = fpt * tokens_per_step
+    peak = peak_tflops or cfg.logging.peak_tflops or H100_BF16_TFLOPS
+    step_time = flops_step / (layout.world * peak * 1e12 * mfu)
+    if cfg.activation_checkpoint.mode is not ACMode.none:
+        notes.append("activation checkpointing recomputes forward work that the MFU convention does not count: expect a lower MFU")
+
+    device_memory = device_memory_gib * GIB
+    usable = device_memory * (1 - headroom)
+    return Plan(
+        model=cfg.model.name,
+        n_params=shapes.total,
+        layout={**{k: getattr(layout, k) for k in ("dp_replicate", "dp_shard", "cp", "tp", "pp")}, "fsdp": layout.fsdp},
+        world_size=layout.world,
+        seq_len=t.seq_len,
+        micro_batch_size=t.micro_batch_size,
+        global_batch_size=global_batch,
+        accum_steps=accum,
+        pp_microbatches=n_mb,
+        tokens_per_microbatch=tokens,
+        ranks=memories,
+        worst=worst,
+        per_layer_activation=sum(detail.values()),
+        activation_detail=detail,
+        communication=comm,
+        flops_per_token=fpt,
+        flops_per_step=flops_step,
+        peak_tflops=peak,
+        mfu=mfu,
+        step_time_s=step_time,
+        tokens_per_s=tokens_per_step / step_time,
+        device_memory=device_memory,
+        headroom=headroom,
+        usable_memory=usable,
+        fits=worst.peak <= usable,
+        notes=notes,
+    )

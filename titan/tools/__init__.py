@@ -1,0 +1,1 @@
+"""Command-line tools that work on finished (or running) run directories."""

@@ -1,0 +1,100 @@
+"""The Hydra entry point: compose -> typed config -> validate -> launch.
+
+Config errors exit with status 2 and one line on stderr naming the key (no traceback),
+whether Hydra finds them while composing or titan finds them while validating.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from titan.config.errors import ConfigError
+from titan.config.load import CONF_DIR, register_schemas, to_typed
+from titan.config.schema import TrainConfig
+from titan.config.validate import validate
+from titan.train.env import launched_by_env
+
+_task_started = False
+
+
+def typed_config(cfg: DictConfig) -> TrainConfig:
+    """Typed config with what only Hydra knows filled in: run dir, group choices, overrides."""
+    typed = to_typed(cfg)
+    hc = HydraConfig.get()
+    typed.run_dir = hc.runtime.output_dir
+    typed.choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra") and v is not None}
+    typed.overrides = list(hc.overrides.task)
+    if hc.mode is not None and hc.mode.name == "MULTIRUN":
+        typed.sweep_name = os.path.basename(os.path.normpath(hc.sweep.dir))
+    return typed
+
+
+def world_size_for(cfg: TrainConfig) -> int:
+    if launched_by_env():
+        return int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+    return cfg.parallel.nproc_per_node
+
+
+def _fail(message: str, code: int) -> None:
+    """One message, no traceback. In a sweep, raise instead: exiting would end the other jobs."""
+    if HydraConfig.get().mode.name == "MULTIRUN":
+        raise RuntimeError(message) from None
+    print(message, file=sys.stderr)
+    sys.exit(code)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def _hydra_main(cfg: DictConfig) -> Optional[float]:
+    global _task_started
+    _task_started = True
+    from titan.checkpoint import CheckpointError
+    from titan.train.launch import WorkerFailed, launch
+
+    try:
+        typed = typed_config(cfg)
+        validate(typed, world_size_for(typed))
+        if typed.training.dry_run:
+            from titan.train.dry_run import dry_run
+
+            dry_run(typed)
+            return None
+        return launch(typed)
+    except ConfigError as e:
+        _fail(f"config error: {e}", 2)
+    except (CheckpointError, WorkerFailed) as e:
+        _fail(f"error: {e}", 1)
+    return None
+
+
+def _pin_run_dir_under_launcher() -> None:
+    """Under torchrun/srun every rank runs this CLI: give them one run dir (from the job id)
+    and let only rank 0 write Hydra's outputs, so ranks never race on `.hydra/`."""
+    if not launched_by_env() or any(a.startswith("hydra.run.dir=") for a in sys.argv):
+        return
+    job = os.environ.get("TITAN_RUN_ID") or os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID", "local")
+    sys.argv.append(f"hydra.run.dir=outputs/{job}")
+    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) != 0:
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+
+
+def main() -> None:
+    register_schemas()
+    _pin_run_dir_under_launcher()
+    try:
+        _hydra_main()
+    except SystemExit as e:
+        # Hydra reports a composition error (bad override, wrong type, unknown preset) by
+        # printing it and exiting 1 before our task runs: that is a config error too.
+        if e.code == 1 and not _task_started:
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()

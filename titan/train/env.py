@@ -1,0 +1,87 @@
+"""Process-level setup for one rank: device, process group, threads, seeds."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from titan.config.schema import Device, TrainConfig
+
+
+@dataclass(frozen=True)
+class RankEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device_type(requested: Device) -> str:
+    if requested is Device.auto:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested is Device.cuda and not torch.cuda.is_available():
+        from titan.config.errors import ConfigError
+
+        raise ConfigError("training.device", "CUDA was requested but no GPU is visible; use training.device=auto or cpu")
+    return requested.value
+
+
+def launched_by_env() -> bool:
+    """True under torchrun / the elastic agent / srun, which set rank and world size."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ or "SLURM_PROCID" in os.environ
+
+
+def _from_slurm() -> None:
+    """srun starts one task per rank but sets SLURM_* rather than torch's variables."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if "MASTER_ADDR" not in os.environ:
+        raise RuntimeError("under srun, export MASTER_ADDR (first host of $SLURM_JOB_NODELIST); see scripts/slurm.sbatch")
+
+
+def setup_rank(cfg: TrainConfig) -> RankEnv:
+    """Initialise this process as one rank. A single process gets no process group at all."""
+    _from_slurm()
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device_type = pick_device_type(cfg.training.device)
+    if device_type == "cuda":
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        threads = cfg.training.threads or (max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+        torch.set_num_threads(threads)
+    if world > 1 and not dist.is_initialized():
+        backend = cfg.parallel.backend or ("nccl" if device_type == "cuda" else "gloo")
+        dist.init_process_group(
+            backend=backend,
+            timeout=timedelta(seconds=cfg.parallel.timeout_s),
+            device_id=device if device_type == "cuda" else None,
+        )
+    if cfg.training.deterministic:
+        torch.use_deterministic_algorithms(True)
+    return RankEnv(rank, world, local_rank, device)
+
+
+def teardown_rank() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,133 @@
+"""The training loop. Everything is built by `build_*` functions, one module per concern;
+the step itself (`train_step`) is the few lines below."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from titan.checkpoint import Checkpointer, load_state
+from titan.config.schema import TrainConfig
+from titan.metrics import MetricsLogger, Throughput, peak_flops, peak_memory_gib, reset_peak_memory
+from titan.train.build import Components, build_components
+from titan.train.env import RankEnv
+from titan.train.weights import export_hf, load_initial_weights, save_seed_checkpoint
+
+log = logging.getLogger("titan")
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, env: RankEnv):
+        self.cfg, self.env = cfg, env
+        self.c: Components = build_components(cfg, env)
+        self.checkpointer = Checkpointer(cfg.checkpoint, cfg.run_dir)
+        resume = self.checkpointer.resume_path()
+        if resume is not None:
+            state = self.c.state.state_dict()
+            load_state(state, resume)
+            self.c.state.load_state_dict(state)
+            log.info("resumed from %s at step %d", resume, self.c.state.step)
+        elif cfg.checkpoint.initial_load:
+            load_initial_weights(self.c.model, cfg.checkpoint.initial_load, self.c.args)
+        self.metrics = MetricsLogger(cfg, enabled=env.is_main, resumed_step=self.c.state.step)
+        peak = peak_flops(env.device, cfg.logging.peak_tflops)
+        self.throughput = Throughput(self.c.flops_per_token, env.world_size, peak)
+        # Tokens per optimizer step across the whole job, and this rank's share of the loss.
+        self.tokens_per_step = cfg.training.global_batch_size * cfg.training.seq_len
+        self.accum_steps = self.c.accum_steps
+
+    # ------------------------------------------------------------------------------------
+    def loss_fn(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Token-summed cross-entropy over this rank's share of the global batch. Every rank holds
+        the same number of tokens, so the data-parallel gradient average then equals the
+        gradient of the global-batch mean, whatever the layout."""
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
+        return ce / self.c.tokens_per_rank
+
+    def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
+        model, opt = self.c.model, self.c.optimizer
+        total = torch.zeros((), device=self.env.device)
+        for inputs, labels in batches:  # gradient accumulation over micro-batches
+            inputs, labels = inputs.to(self.env.device), labels.to(self.env.device)
+            with self.c.forward_context():
+                loss = self.loss_fn(model(inputs), labels)
+                loss.backward()
+            total += self.c.parallel.plain_loss(loss.detach())
+        grad_norm = self.c.clip_grad_norm(self.cfg.optim.max_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        self.c.after_optimizer_step()
+        return self.c.mean_over_dp(total), float(grad_norm)
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        self.c.model.eval()
+        total, count = torch.zeros((), device=self.env.device), 0
+        for inputs, labels in self.c.val_batches(self.cfg.training.val_batches):
+            with self.c.forward_context():
+                logits = self.c.model(inputs.to(self.env.device))
+                ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.to(self.env.device).flatten(), reduction="mean")
+            total += self.c.parallel.plain_loss(ce)
+            count += 1
+        self.c.model.train()
+        val_loss = self.c.mean_over_dp(total / max(count, 1))
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+
+    def save_seed(self) -> None:
+        save_seed_checkpoint(self.c.model, self.c.args, self.cfg.run_dir)
+
+    # ------------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        cfg, state = self.cfg, self.c.state
+        last, interval = cfg.training.steps, cfg.logging.interval
+        losses, last_val, first_loss = [], None, None
+        reset_peak_memory(self.env.device)
+        started = time.perf_counter()
+        while state.step < last:
+            state.step += 1
+            t0 = time.perf_counter()
+            batches = [self.c.loader.next_batch() for _ in range(self.accum_steps)]
+            self.throughput.add(self.tokens_per_step, time.perf_counter() - t0)
+            loss, grad_norm = self.train_step(batches)
+            self.c.scheduler.step()
+            losses.append(loss)
+            first_loss = loss if first_loss is None else first_loss
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss} at step {state.step}; the last good checkpoint is kept")
+            if state.step % interval == 0 or state.step == last or state.step == 1:
+                record = {"step": state.step, "loss": loss, "grad_norm": grad_norm, "lr": self.c.scheduler.get_last_lr()[0]}
+                record.update(self.throughput.measure())
+                record.update(
+                    memory_gib=peak_memory_gib(self.env.device),
+                    tokens_seen=state.step * self.tokens_per_step,
+                    elapsed_s=time.perf_counter() - started,
+                )
+                self.metrics.log(record)
+            if cfg.training.val_interval and (state.step % cfg.training.val_interval == 0 or state.step == last):
+                last_val = self.validate()
+                self.metrics.log({"step": state.step, **last_val, "tokens_seen": state.step * self.tokens_per_step})
+            self.checkpointer.poll()
+            if self.checkpointer.should_save(state.step, last):
+                self.checkpointer.save(state.state_dict(), state.step)
+        self.checkpointer.close()
+        if cfg.checkpoint.export_hf:
+            export_hf(self.c.model, self.c.args, cfg.run_dir, self.c.tokenizer.eos_id, self.c.tokenizer.bos_id)
+        summary = {
+            "steps": state.step,
+            "first_loss": first_loss,
+            "final_loss": losses[-1] if losses else None,
+            "min_loss": min(losses) if losses else None,
+            "final_val_loss": last_val["val_loss"] if last_val else None,
+            "tokens_seen": state.step * self.tokens_per_step,
+            "wall_s": time.perf_counter() - started,
+            "params": self.c.n_params,
+            "flops_per_token": self.c.flops_per_token,
+            "world_size": self.env.world_size,
+        }
+        self.metrics.close(summary)
+        return summary
