@@ -22,6 +22,9 @@ from omegaconf import DictConfig
 from titan.config.load import register_schemas, to_typed
 
 
+DIVERGES_ABOVE_LR = 5e-3
+
+
 def fake_loss(lr: float, weight_decay: float, warmup: int, step: int, steps: int) -> float:
     """Decays with the step toward a floor that is lowest at lr = 3e-3."""
     floor = 3.0 + (math.log10(lr) - math.log10(3e-3)) ** 2 + weight_decay + warmup / 100
@@ -31,6 +34,8 @@ def fake_loss(lr: float, weight_decay: float, warmup: int, step: int, steps: int
 @hydra.main(version_base="1.3", config_path=None, config_name="train")
 def task(cfg: DictConfig) -> float:
     typed = to_typed(cfg)
+    if typed.optim.lr > DIVERGES_ABOVE_LR:  # as the trainer does on a NaN (nan_check=stop)
+        raise FloatingPointError(f"loss is NaN at lr={typed.optim.lr}")
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     t, o = typed.training, typed.optim
     tokens = t.global_batch_size * t.seq_len

@@ -17,15 +17,19 @@ import torch.nn.functional as F
 from titan.config.errors import ConfigError
 from titan.models.llama3 import CausalAttention, Llama3, LlamaArgs
 from titan.parallel.context_parallel import (
+    ALLGATHER_KERNELS,
     ContextParallelAttention,
+    allgather_attention,
     apply_cp,
+    cp_chunks,
     cp_inputs,
     cp_positions,
     cp_shard,
     cp_unshard,
     validate_cp,
 )
-from titan.parallel.ring_attention import KERNELS, _pairs, ring_attention
+from titan.parallel.cp_kernels import KERNELS, prefix_attention
+from titan.parallel.ring_attention import _pairs, ring_attention
 
 SEQ, BATCH = 32, 2
 MODES = ("allgather", "ring")
@@ -100,6 +104,29 @@ def test_ring_kernels_match_sdpa_single_rank(kernel):
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     grad = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+@pytest.mark.parametrize("cp", [2, 4])
+def test_prefix_attention_matches_sdpa(kernel, cp):
+    """allgather mode's local compute: each rank's chunks against the whole K/V, in fp64."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 16, 8, dtype=torch.float64, generator=g, requires_grad=True) for h in (4, 2, 2))
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
+    grad = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
+    outs, dqs, dk, dv = [], [], 0, 0
+    for r in range(cp):  # every rank's share, one after the other
+        q_local = cp_shard(q.detach(), 2, r, cp).requires_grad_()
+        kv = [x.detach().requires_grad_() for x in (k, v)]
+        out = prefix_attention(q_local, *kv, cp_chunks(r, cp), kernel)
+        grads = torch.autograd.grad(out, (q_local, *kv), cp_shard(grad, 2, r, cp))
+        outs.append(out.detach())
+        dqs.append(grads[0])
+        dk, dv = dk + grads[1], dv + grads[2]
+    torch.testing.assert_close(cp_unshard(outs, 2), ref.detach(), rtol=1e-12, atol=1e-12)
+    for a, b in zip((cp_unshard(dqs, 2), dk, dv), ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
@@ -184,22 +211,23 @@ def _check_cp(group, cp_rank: int, cp_size: int, mode: str) -> None:
             o.zero_grad()
 
 
-def _check_ring_kernels(group, cp_rank: int, cp_size: int) -> None:
-    """Attention alone, for every ring kernel: sharded outputs and q/k/v gradients equal causal
-    SDPA's on the whole sequence."""
+def _check_attention_kernels(group, cp_rank: int, cp_size: int) -> None:
+    """Attention alone, every mode and kernel: sharded outputs and q/k/v gradients equal
+    causal SDPA's on the whole sequence."""
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(2, h, SEQ, 8, generator=g, requires_grad=True) for h in (4, 2, 2))
     grad = torch.randn(2, 4, SEQ, 8, generator=g)
     ref = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
     ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
-    for kernel in KERNELS:
+    runs = [(ring_attention, kernel) for kernel in KERNELS] + [(allgather_attention, kernel) for kernel in ALLGATHER_KERNELS]
+    for attention, kernel in runs:
         local = [cp_shard(x.detach(), 2, cp_rank, cp_size).requires_grad_() for x in (q, k, v)]
-        out = ring_attention(*local, group, cp_rank, cp_size, kernel)
+        out = attention(*local, group, cp_rank, cp_size, kernel)
         grads = torch.autograd.grad(out, local, cp_shard(grad, 2, cp_rank, cp_size))
         for mine, full in zip((out, *grads), (ref, *ref_grads)):
             shards = [torch.empty_like(mine) for _ in range(cp_size)]
             dist.all_gather(shards, mine.detach().contiguous(), group=group)
-            torch.testing.assert_close(cp_unshard(shards, 2), full.detach(), rtol=1e-5, atol=1e-5, msg=lambda m: f"{kernel}: {m}")
+            torch.testing.assert_close(cp_unshard(shards, 2), full.detach(), rtol=1e-5, atol=1e-5, msg=lambda m: f"{attention.__name__} {kernel}: {m}")
 
 
 def _worker(rank: int, world: int, port: int, layouts: str) -> None:
@@ -208,12 +236,12 @@ def _worker(rank: int, world: int, port: int, layouts: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     try:
         if "whole" in layouts:  # cp over the whole world
-            _check_ring_kernels(dist.group.WORLD, rank, world)
+            _check_attention_kernels(dist.group.WORLD, rank, world)
             for mode in MODES:
                 _check_cp(dist.group.WORLD, rank, world, mode)
         if "interleaved" in layouts:  # cp=2 groups {0, 2} and {1, 3}: group ranks != global ranks
             group, _ = dist.new_subgroups_by_enumeration([[0, 2], [1, 3]])
-            _check_ring_kernels(group, dist.get_rank(group), 2)
+            _check_attention_kernels(group, dist.get_rank(group), 2)
             for mode in MODES:
                 _check_cp(group, dist.get_rank(group), 2, mode)
         dist.barrier()

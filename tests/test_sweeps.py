@@ -162,9 +162,14 @@ def test_tiny_sweep_runs_and_compares(conf: Path, tmp_path: Path, capsys) -> Non
 def test_optuna_sweep_minimises_the_returned_value(conf: Path, tmp_path: Path) -> None:
     needs("hydra_optuna_sweeper")
     sweep = tmp_path / "sweep"
-    run_stub(conf, "+sweeps=optuna", "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={sweep}")
+    run_stub(conf, "+sweeps=optuna", "hydra.sweeper.n_trials=4", f"hydra.sweep.dir={sweep}")
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert len(jobs) == 4
+    # The seeded sampler's 4th trial lands above the stub's divergence lr: it fails, the
+    # search goes on, and the best value comes from the trials that finished.
+    failed = [j.name for j in jobs if not (j / "metrics.jsonl").exists()]
+    assert failed == ["3"]
     runs = find_runs([sweep])
-    assert len(runs) == 3
     result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert result["best_value"] == min(r.final_val_loss for r in runs)
     assert set(result["best_params"]) == {"optim.lr", "lr_schedule.warmup_steps",

@@ -264,13 +264,19 @@ class CheckpointConfig:
     create_seed: bool = False  # write initialised step-0 weights to RUN_DIR/seed and exit
 
 
+class NanCheck(str, Enum):
+    off = "off"  # train on regardless
+    stop = "stop"  # stop the run naming the step; no checkpoint is written after it
+    skip = "skip"  # drop that step's update and go on
+
+
 @dataclass
 class ProfilingConfig:
     trace_interval: int = 0  # every N steps record a torch.profiler trace; 0: off
     trace_steps: int = 2
     memory_record: bool = False  # per-step memory record (CPU RSS / CUDA snapshot)
     flight_recorder: bool = False  # NCCL flight recorder
-    nan_check: str = "off"  # off | stop | skip
+    nan_check: NanCheck = NanCheck.stop  # a non-finite loss or gradient norm
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,8 +8,10 @@ Everything outside attention is per-token and runs unchanged on the local tokens
 the absolute `positions`). Attention needs every earlier key, so `apply_cp` swaps each block's
 `attention.sdpa` for `ContextParallelAttention`, which is exact in either mode:
 
-  allgather  gather K/V of the whole sequence, SDPA with a mask built from global positions.
-             Simple and fast; holds full-length K/V per layer for backward.
+  allgather  gather K/V of the whole sequence; each local chunk attends to its key prefix
+             (earlier chunks unmasked + its own chunk causally, merged by log-sum-exp; or
+             SDPA with a position mask off CPU). One collective per layer; holds
+             full-length K/V per layer for backward.
   ring       pass K/V blocks around the ring, merging partial results by log-sum-exp
              (`titan.parallel.ring_attention`). Holds only local K/V; for long sequences.
 
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from titan.config.errors import ConfigError
+from titan.parallel.cp_kernels import KERNELS, prefix_attention
 from titan.parallel.ring_attention import ring_attention
 
 MODES = ("allgather", "ring")
@@ -139,28 +142,44 @@ def _gather_global_kv(k: torch.Tensor, v: torch.Tensor, group, cp_size: int) -> 
     return kv[0], kv[1]
 
 
-def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, cp_rank: int, cp_size: int) -> torch.Tensor:
-    """Exact causal attention of this rank's queries over the whole (cp-sharded) sequence.
-
-    q: (batch, heads, local_seq, head_dim); k, v: (batch, kv_heads, local_seq, head_dim) with
-    kv_heads dividing heads (grouped-query attention)."""
-    k_all, v_all = _gather_global_kv(k, v, group, cp_size)
+def _masked_sdpa(q, k_all, v_all, chunk_ids) -> torch.Tensor:
+    """SDPA per local chunk over its key prefix with an explicit position mask: any device,
+    any fused kernel that takes masks (the mask costs chunk x prefix memory)."""
     c = q.shape[2] // 2
-    gqa = q.shape[1] != k.shape[1]
+    gqa = q.shape[1] != k_all.shape[1]
     if gqa and q.device.type != "cpu":
         # Only some GPU kernels take enable_gqa with a mask; repeating is safe everywhere.
-        rep = q.shape[1] // k.shape[1]
+        rep = q.shape[1] // k_all.shape[1]
         k_all, v_all, gqa = k_all.repeat_interleave(rep, 1), v_all.repeat_interleave(rep, 1), False
     outs = []
-    # Each local chunk g only sees keys of chunks 0..g: attend to that prefix, not the whole
-    # sequence, which halves the work and keeps the ranks balanced.
-    for q_chunk, g in zip(q.split(c, dim=2), cp_chunks(cp_rank, cp_size)):
+    for q_chunk, g in zip(q.split(c, dim=2), chunk_ids):
         q_pos = torch.arange(g * c, (g + 1) * c, device=q.device)
         k_pos = torch.arange((g + 1) * c, device=q.device)
         mask = k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)
         keys, values = k_all[:, :, : (g + 1) * c], v_all[:, :, : (g + 1) * c]
         outs.append(F.scaled_dot_product_attention(q_chunk, keys, values, attn_mask=mask, enable_gqa=gqa))
     return torch.cat(outs, dim=2)
+
+
+ALLGATHER_KERNELS = (*KERNELS, "sdpa_mask")
+
+
+def allgather_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, cp_rank: int, cp_size: int, kernel: Optional[str] = None
+) -> torch.Tensor:
+    """Exact causal attention of this rank's queries over the whole (cp-sharded) sequence.
+
+    q: (batch, heads, local_seq, head_dim); k, v: (batch, kv_heads, local_seq, head_dim) with
+    kv_heads dividing heads (grouped-query attention). Each local chunk g attends only to the
+    key prefix 0..g, not the whole sequence: half the work, and the ranks stay balanced.
+    kernel: a `cp_kernels.KERNELS` key (unmasked + causal blocks merged by log-sum-exp) or
+    "sdpa_mask" (SDPA with a position mask); default flash_cpu on CPU, sdpa_mask elsewhere."""
+    k_all, v_all = _gather_global_kv(k, v, group, cp_size)
+    chunk_ids = cp_chunks(cp_rank, cp_size)
+    kernel = kernel or ("flash_cpu" if q.device.type == "cpu" else "sdpa_mask")
+    if kernel == "sdpa_mask":
+        return _masked_sdpa(q, k_all, v_all, chunk_ids)
+    return prefix_attention(q, k_all, v_all, chunk_ids, kernel)
 
 
 # ---------------------------------------------------------------------------------------------

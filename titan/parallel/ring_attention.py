@@ -11,10 +11,8 @@ Work is done per pair of chunks (query chunk i, key chunk j): j < i attends full
 causally, j > i is skipped. With the mirrored layout every rank computes the same number of
 pairs at every step, so no rank waits for another.
 
-Each pair is one call of a kernel that returns (output, log-sum-exp) and, in backward, takes
-the final ones: on CPU torch's fused flash kernel (tiled: no score matrix in memory); on other
-devices a plain-matmul fallback that holds one pair's (heads, chunk, chunk) scores at a time.
-Merging and gradient accumulation run in at least fp32.
+Each pair is one call of a `titan.parallel.cp_kernels` kernel (fused flash on CPU); merging
+and gradient accumulation run in at least fp32.
 """
 
 from __future__ import annotations
@@ -24,6 +22,8 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from titan.parallel.cp_kernels import KERNELS, acc, default_kernel, merge
 
 
 class _Ring:
@@ -58,68 +58,6 @@ def _pairs(cp_rank: int, src: int, cp_size: int):
     return [(i, j, gj == gi) for i, gi in enumerate(mine) for j, gj in enumerate(theirs) if gj <= gi]
 
 
-def _acc(x: torch.Tensor) -> torch.Tensor:
-    """At least fp32 for accumulation (bf16 is upcast; fp64 stays fp64)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-class _FlashCPU:
-    """torch's fused CPU attention kernel: tiled (no chunk x chunk scores in memory), native
-    grouped-query heads, and it returns the log-sum-exp the merge needs. Its backward takes
-    the *final* output and log-sum-exp, which makes each block's gradients exact as they are."""
-
-    @staticmethod
-    def forward(q, k, v, causal: bool, scale: float):
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
-
-    @staticmethod
-    def backward(dout, q, k, v, out, lse, causal: bool, scale: float):
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout, q, k, v, out.to(q.dtype), lse, 0.0, causal, scale=scale
-        )
-
-
-class _Math:
-    """Plain matmuls, any device: materialises the (heads, chunk, chunk) scores of one pair
-    at a time. Query head h uses K/V head h // groups (repeat_interleave order)."""
-
-    @staticmethod
-    def _scores(q, k, scale: float, causal: bool):
-        b, hq, c, d = q.shape
-        qg = _acc(q).reshape(b, k.shape[1], -1, d)  # (b, kv_heads, groups * c, d)
-        s = qg @ _acc(k).transpose(-1, -2) * scale
-        if causal:
-            future = torch.ones(c, c, dtype=torch.bool, device=q.device).triu(1)
-            s = s.unflatten(-2, (-1, c)).masked_fill(future, float("-inf")).flatten(-3, -2)
-        return qg, s
-
-    @staticmethod
-    def forward(q, k, v, causal: bool, scale: float):
-        _, s = _Math._scores(q, k, scale, causal)
-        lse = s.logsumexp(-1, keepdim=True)
-        out = torch.exp(s - lse) @ _acc(v)
-        return out.view(q.shape), lse.view(q.shape[:-1])
-
-    @staticmethod
-    def backward(dout, q, k, v, out, lse, causal: bool, scale: float):
-        qg, s = _Math._scores(q, k, scale, causal)
-        rows = qg.shape[:-1]  # (b, kv_heads, groups * c)
-        dout, out, lse = (_acc(x).reshape(rows + x.shape[-1:]) for x in (dout, out, lse.unsqueeze(-1)))
-        p = torch.exp(s - lse)
-        dv = p.transpose(-1, -2) @ dout
-        ds = p * (dout @ _acc(v).transpose(-1, -2) - (dout * out).sum(-1, keepdim=True))
-        dq = (ds @ _acc(k)) * scale
-        dk = (ds.transpose(-1, -2) @ qg) * scale
-        return dq.view(q.shape), dk, dv
-
-
-KERNELS = {"flash_cpu": _FlashCPU, "math": _Math}
-
-
-def default_kernel(device: torch.device) -> str:
-    return "flash_cpu" if device.type == "cpu" else "math"
-
-
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, group, cp_rank: int, cp_size: int, kernel: str):
@@ -136,15 +74,12 @@ class _RingAttention(torch.autograd.Function):
             src = (cp_rank - step) % cp_size
             for i, j, causal in _pairs(cp_rank, src, cp_size):
                 out, lse = attend.forward(qs[i], kv[0, :, :, j * c : (j + 1) * c], kv[1, :, :, j * c : (j + 1) * c], causal, scale)
+                # Every pair leaves each query row at least one key (a diagonal pair keeps the
+                # diagonal), so every lse is finite and the merge is exact.
                 if outs[i] is None:
-                    outs[i], lses[i] = _acc(out), lse
-                    continue
-                # Exact merge of two softmax-normalised partials by their log-sum-exps. Each
-                # pair leaves every row at least one key (diagonal pairs keep the diagonal),
-                # so both lse are finite.
-                merged = torch.logaddexp(lses[i], lse)
-                outs[i] = outs[i] * torch.exp(lses[i] - merged).unsqueeze(-1) + _acc(out) * torch.exp(lse - merged).unsqueeze(-1)
-                lses[i] = merged
+                    outs[i], lses[i] = acc(out), lse
+                else:
+                    outs[i], lses[i] = merge(outs[i], lses[i], out, lse)
             if step < cp_size - 1:
                 _wait(works)
                 kv = incoming
@@ -160,14 +95,14 @@ class _RingAttention(torch.autograd.Function):
         c = k.shape[2] // 2
         ring = _Ring(ctx.group, cp_rank, cp_size)
         qs, douts, outs, lses = (x.chunk(2, dim=2) for x in (q, grad_out.contiguous(), out, lse))
-        dqs = [torch.zeros_like(_acc(x)) for x in qs]
+        dqs = [torch.zeros_like(acc(x)) for x in qs]
         kv = torch.stack([k, v]).contiguous()
         dkv_incoming, dkv_works = None, []
         for step in range(cp_size):
             if step < cp_size - 1:
                 kv_next, kv_works = ring.shift(kv)
             src = (cp_rank - step) % cp_size
-            dkv = torch.zeros_like(_acc(kv))
+            dkv = torch.zeros_like(acc(kv))
             for i, j, causal in _pairs(cp_rank, src, cp_size):
                 blk = slice(j * c, (j + 1) * c)
                 dq, dk, dv = attend.backward(douts[i], qs[i], kv[0, :, :, blk], kv[1, :, :, blk], outs[i], lses[i], causal, scale)

@@ -54,6 +54,7 @@ def _hydra_main(cfg: DictConfig) -> Optional[float]:
     global _task_started
     _task_started = True
     from titan.checkpoint import CheckpointError
+    from titan.profiling import NonFiniteLoss
     from titan.train.launch import WorkerFailed, launch
 
     try:
@@ -67,7 +68,7 @@ def _hydra_main(cfg: DictConfig) -> Optional[float]:
         return launch(typed)
     except ConfigError as e:
         _fail(f"config error: {e}", 2)
-    except (CheckpointError, WorkerFailed) as e:
+    except (CheckpointError, WorkerFailed, NonFiniteLoss) as e:
         _fail(f"error: {e}", 1)
     return None
 

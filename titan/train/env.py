@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from titan.config.schema import Device, TrainConfig
+from titan.profiling import enable_flight_recorder
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ def setup_rank(cfg: TrainConfig) -> RankEnv:
         torch.set_num_threads(threads)
     if world > 1 and not dist.is_initialized():
         backend = cfg.parallel.backend or ("nccl" if device_type == "cuda" else "gloo")
+        enable_flight_recorder(cfg.profiling, cfg.run_dir, backend)
         dist.init_process_group(
             backend=backend,
             timeout=timedelta(seconds=cfg.parallel.timeout_s),

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from titan.checkpoint import Checkpointer, load_state
-from titan.config.schema import TrainConfig
+from titan.config.schema import NanCheck, TrainConfig
 from titan.metrics import MetricsLogger, Throughput, peak_flops, peak_memory_gib, reset_peak_memory
+from titan.profiling import NonFiniteLoss, StepProfiler
 from titan.train.build import Components, build_components
 from titan.train.env import RankEnv
 from titan.train.weights import export_hf, load_initial_weights, save_seed_checkpoint
@@ -40,6 +41,7 @@ class Trainer:
         # Tokens per optimizer step across the whole job, and this rank's share of the loss.
         self.tokens_per_step = cfg.training.global_batch_size * cfg.training.seq_len
         self.accum_steps = self.c.accum_steps
+        self.profiler = StepProfiler(cfg.profiling, cfg.run_dir, env.rank, env.device)
 
     # ------------------------------------------------------------------------------------
     def loss_fn(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -50,6 +52,7 @@ class Trainer:
         return ce / self.c.tokens_per_rank
 
     def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
+        """One optimizer step over the global batch; returns the global mean loss and grad norm."""
         model, opt = self.c.model, self.c.optimizer
         total = torch.zeros((), device=self.env.device)
         for inputs, labels in batches:  # gradient accumulation over micro-batches
@@ -58,11 +61,21 @@ class Trainer:
                 loss = self.loss_fn(model(inputs), labels)
                 loss.backward()
             total += self.c.parallel.plain_loss(loss.detach())
-        grad_norm = self.c.clip_grad_norm(self.cfg.optim.max_norm)
+        grad_norm = float(self.c.clip_grad_norm(self.cfg.optim.max_norm))
+        loss = self.c.mean_over_dp(total)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)) and self.cfg.profiling.nan_check is not NanCheck.off:
+            opt.zero_grad(set_to_none=True)  # every rank sees the same global values: same decision
+            if self.cfg.profiling.nan_check is NanCheck.stop:
+                raise NonFiniteLoss(
+                    f"loss {loss} / grad norm {grad_norm} at step {self.c.state.step}: stopped "
+                    "(profiling.nan_check=stop); the last checkpoint before it is intact"
+                )
+            log.warning("step %d: loss %s, grad norm %s: update skipped (profiling.nan_check=skip)", self.c.state.step, loss, grad_norm)
+            return loss, grad_norm
         opt.step()
         opt.zero_grad(set_to_none=True)
         self.c.after_optimizer_step()
-        return self.c.mean_over_dp(total), float(grad_norm)
+        return loss, grad_norm
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -90,15 +103,15 @@ class Trainer:
         started = time.perf_counter()
         while state.step < last:
             state.step += 1
+            self.profiler.step_begin(state.step)
             t0 = time.perf_counter()
             batches = [self.c.loader.next_batch() for _ in range(self.accum_steps)]
             self.throughput.add(self.tokens_per_step, time.perf_counter() - t0)
             loss, grad_norm = self.train_step(batches)
             self.c.scheduler.step()
+            self.profiler.step_end(state.step)
             losses.append(loss)
             first_loss = loss if first_loss is None else first_loss
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss} at step {state.step}; the last good checkpoint is kept")
             if state.step % interval == 0 or state.step == last or state.step == 1:
                 record = {"step": state.step, "loss": loss, "grad_norm": grad_norm, "lr": self.c.scheduler.get_last_lr()[0]}
                 record.update(self.throughput.measure())
@@ -115,6 +128,7 @@ class Trainer:
             if self.checkpointer.should_save(state.step, last):
                 self.checkpointer.save(state.state_dict(), state.step)
         self.checkpointer.close()
+        self.profiler.close(state.step)
         if cfg.checkpoint.export_hf:
             export_hf(self.c.model, self.c.args, cfg.run_dir, self.c.tokenizer.eos_id, self.c.tokenizer.bos_id)
         summary = {
