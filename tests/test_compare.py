@@ -213,6 +213,7 @@ def test_diverging_val_loss_fails_the_check(sweep: Path, capsys) -> None:
     assert main([str(sweep), "--no-plot", "--reference", "0", "--rtol", "1e-3"]) == 1
     out = capsys.readouterr().out
     assert "3  val_loss" in out and "DIVERGES from step 5" in out
+    assert main([str(sweep), "--no-plot", "--reference", "0", "--no-val"]) == 0
     # Another metric, where run 3 agrees, passes.
     assert main([str(sweep), "--no-plot", "--reference", "0", "--key", "grad_norm"]) == 0
 

@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import platform
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from titan.config.load import cache_dir, plain
+from titan.config.load import plain
 from titan.config.schema import LogBackend, TrainConfig
 
 log = logging.getLogger("titan")
@@ -46,7 +44,7 @@ def measure_cpu_peak_flops(size: int = 1024, reps: int = 8) -> float:
 
 
 def peak_flops(device: torch.device, configured_tflops: Optional[float] = None) -> float:
-    """Per-device peak for MFU: configured, else the GPU table, else a cached CPU measurement."""
+    """Per-device peak for MFU: configured, else the GPU table, else a CPU matmul measurement."""
     if configured_tflops:
         return configured_tflops * 1e12
     if device.type == "cuda":
@@ -56,15 +54,9 @@ def peak_flops(device: torch.device, configured_tflops: Optional[float] = None) 
                 return flops
         log.warning("unknown GPU %r: MFU uses the H100 peak; set logging.peak_tflops", name)
         return 989e12
-    key = f"{platform.node()}|{platform.processor() or platform.machine()}|{os.cpu_count()}|{torch.get_num_threads()}"
-    path = cache_dir() / "cpu_peak_flops.json"
-    cached = json.loads(path.read_text()) if path.exists() else {}
-    if key not in cached:
-        cached[key] = measure_cpu_peak_flops()
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cached))
-        os.replace(tmp, path)
-    return cached[key]
+    # Measured in this run, with this rank's threads: a peak cached from another moment (or
+    # another load on a shared machine) would make MFU meaningless.
+    return measure_cpu_peak_flops()
 
 
 def reset_peak_memory(device: torch.device) -> None:

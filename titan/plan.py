@@ -279,9 +279,13 @@ def sac_saved_bytes(args: LlamaArgs, tokens: float, act: int, layout: Layout) ->
 
 @dataclass
 class Activations:
-    saved: float  # everything kept for backward across the in-flight micro-batches
-    block_backward: float  # transient while one block runs backward: its recompute + gradients
-    loss_backward: float  # transient of the loss backward (0 off the last stage)
+    """One rank's saved tensors and backward transients (bytes)."""
+
+    per_block: float  # what one block keeps for one micro-batch, after AC
+    blocks: float  # per_block x layers x micro-batches in flight
+    head: float  # final norm + output projection inputs (last stage, one micro-batch)
+    block_backward: float  # while one block runs backward: its recompute + activation grads
+    loss_backward: float  # the loss backward (0 off the last stage)
     logits_grad: float  # the logits' gradient, alive during the output projection's backward
     per_layer: float  # one block, one micro-batch, no AC
 
@@ -291,35 +295,33 @@ def activations(args: LlamaArgs, cfg: TrainConfig, layout: Layout, rank: StageRa
     full = sum(block_saved_bytes(args, tokens, act, layout, cpu).values())
     sp = layout.tp if layout.sequence_parallel else 1
     block_input = tokens * args.dim * act / sp
-    ac = cfg.activation_checkpoint
-    n = rank.layers
+    ac, n = cfg.activation_checkpoint, rank.layers
     if ac.mode is ACMode.full:
-        kept, recompute = n * block_input, full
+        per_block, recompute = block_input, full
     elif ac.mode is ACMode.selective_layer:
         # titan wraps the blocks whose index is a multiple of `every`: about n / every of them.
         wrapped = math.ceil(n / max(ac.every, 1))
-        kept, recompute = wrapped * block_input + (n - wrapped) * full, full
+        per_block, recompute = (wrapped * block_input + (n - wrapped) * full) / max(n, 1), full
     elif ac.mode is ACMode.selective_op:
-        sac = sac_saved_bytes(args, tokens, act, layout)
-        kept, recompute = n * sac, max(full - sac, 0.0)
+        per_block = sac_saved_bytes(args, tokens, act, layout)
+        recompute = max(full - per_block, 0.0)
     else:
-        kept, recompute = n * full, 0.0
-    saved = kept * rank.in_flight
+        per_block, recompute = full, 0.0
 
     # Backward of one block: gradients of the widest tensors (SwiGLU) and of the stream.
     block_grads = tokens * (3 * args.ffn_hidden / layout.tp + 2 * args.dim) * act
-    loss = logits_grad = 0.0
+    head = loss = logits_grad = 0.0
     if rank.has_output:
         # The final norm's input and the output projection's (gathered) input stay saved for
         # one micro-batch. The loss keeps the fp32 log-softmax; its backward briefly holds that,
         # its gradient and the logits' fp32 gradient: 3 x tokens x vocab x 4 bytes (/tp when
         # the loss is vocab-parallel).
         norm_elem = 2 * FP32 if cpu else act
-        saved += tokens * (args.dim * norm_elem / sp + args.dim * act)
+        head = tokens * (args.dim * norm_elem / sp + args.dim * act)
         vocab = args.vocab_size / (layout.tp if layout.loss_parallel else 1)
         loss = 3 * tokens * vocab * FP32
         logits_grad = tokens * vocab * act
-    return Activations(saved, recompute + block_grads, loss, logits_grad, full)
+    return Activations(per_block, per_block * n * rank.in_flight, head, recompute + block_grads, loss, logits_grad, full)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,29 +329,32 @@ def activations(args: LlamaArgs, cfg: TrainConfig, layout: Layout, rank: StageRa
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class RankMemory:
+    """One pipeline rank. The peak is the larger of the optimizer step and the worst moment of
+    backward; the backward fields hold their values at that moment, so they add up to it."""
+
     pp_rank: int
     layers: int
     has_embedding: bool
     has_output: bool
-    in_flight: float
+    in_flight: float  # micro-batches whose activations this rank holds
     params: float
     grads: float
     optim_states: float
+    optim_step: float  # optimizer temporaries (foreach lists / per-parameter)
     fsdp_buffers: float  # gathered (unsharded) parameters: current + prefetched group
     compute_copies: float  # bf16 weight copies without FSDP (autocast cache)
-    activations: float
-    working: float  # largest transient of backward: loss, a recomputed block, FSDP grad buffers
-    optim_step: float  # optimizer temporaries (foreach / per-parameter)
-    grads_during_backward: float  # grads that already exist while activations are alive
+    grads_during_backward: float  # gradients already allocated at the backward peak
+    activations: float  # saved activations still alive at the backward peak
+    working: float  # the transient at that moment: loss, recomputed block, FSDP grad buffers
+    backward_moment: str  # where in backward the peak is
     peak: float = 0.0
     peak_phase: str = ""
 
     def __post_init__(self) -> None:
         fb = self.grads_during_backward + self.fsdp_buffers + self.compute_copies + self.activations + self.working
         opt = self.grads + self.optim_step
-        base = self.params + self.optim_states
-        self.peak = base + max(fb, opt)
-        self.peak_phase = "forward/backward" if fb >= opt else "optimizer step"
+        self.peak = self.params + self.optim_states + max(fb, opt)
+        self.peak_phase = f"backward, {self.backward_moment}" if fb >= opt else "optimizer step"
 
     def consumers(self) -> list[tuple[str, float]]:
         """What makes up the peak, biggest first."""
@@ -387,6 +392,28 @@ def _units(shapes: ParamShapes, rank: StageRank, layout: Layout) -> list[float]:
     return units
 
 
+def _backward_peak(a: Activations, n: int, block_grads: float, head_grads: float, all_grads: float, accumulated: bool, block_bufs: float, output_bufs: float) -> tuple[str, float, float, float]:
+    """(moment, gradients, activations, transient) at the worst moment of backward.
+
+    Backward walks from the loss to the first block, freeing each block's saved tensors and
+    (with one micro-batch per step) allocating its gradients. Memory is linear along the walk,
+    so the worst moment is one of: the loss backward, the output projection's backward, or
+    the last or the first block's backward. With several micro-batches per step the gradients
+    already exist. Without AC the start dominates; with full AC the end (grads of every block
+    + one recomputed block) can."""
+    base = all_grads if accumulated else 0.0
+    growth = 0.0 if accumulated else block_grads
+    moments = []
+    if a.loss_backward:
+        moments.append(("loss", base, a.blocks + a.head, a.loss_backward))
+        moments.append(("output projection", base, a.blocks + a.head, a.logits_grad + output_bufs))
+    if n:
+        start = base + (0.0 if accumulated else head_grads)
+        moments.append(("last block", start, a.blocks, a.block_backward + block_bufs))
+        moments.append(("first block", start + (n - 1) * growth, a.blocks - (n - 1) * a.per_block, a.block_backward + block_bufs))
+    return max(moments, key=lambda m: m[1] + m[2] + m[3])
+
+
 def rank_memory(args: LlamaArgs, shapes: ParamShapes, cfg: TrainConfig, layout: Layout, rank: StageRank, tokens: float, micro_batches: int, cpu: bool) -> RankMemory:
     prec, tp, shard = cfg.precision, layout.tp, layout.shard
     act = DTYPE_BYTES[prec.param_dtype]
@@ -394,13 +421,16 @@ def rank_memory(args: LlamaArgs, shapes: ParamShapes, cfg: TrainConfig, layout: 
 
     # Parameters held by this rank (a tied weight counts once unless PP puts its two uses on
     # different ranks).
+    block_local = sum(local_numel(n, s, tp, shard) for n, s in shapes.block.items())
     local = [local_numel(n, s, tp, shard) for n, s in shapes.block.items()] * rank.layers
+    head_local = 0
     if rank.has_embedding:
         local.append(local_numel("tok_embeddings.weight", shapes.embedding, tp, shard))
     if rank.has_output:
         if not (shapes.tied and rank.has_embedding):
-            local.append(local_numel("output.weight", shapes.output, tp, shard))
-        local.append(local_numel("norm.weight", shapes.final_norm, tp, shard))
+            head_local += local_numel("output.weight", shapes.output, tp, shard)
+        head_local += local_numel("norm.weight", shapes.final_norm, tp, shard)
+        local.append(head_local)
     n_local = float(sum(local))
     biggest = float(max(local))
 
@@ -411,7 +441,7 @@ def rank_memory(args: LlamaArgs, shapes: ParamShapes, cfg: TrainConfig, layout: 
     # FSDP2 gathers one group at a time and prefetches the next: two groups unsharded (all of
     # them with reshard_after_forward=never). A group's backward adds its unsharded gradient
     # (compute dtype) and the reduce-scatter input (reduce_dtype).
-    gathered = block_grad_bufs = output_grad_bufs = 0.0
+    gathered = block_bufs = output_bufs = 0.0
     if layout.fsdp:
         units = _units(shapes, rank, layout)
         gather = act
@@ -420,15 +450,16 @@ def rank_memory(args: LlamaArgs, shapes: ParamShapes, cfg: TrainConfig, layout: 
         never = cfg.parallel.reshard_after_forward is ReshardAfterForward.never
         gathered = (sum(units) if never else sum(sorted(units)[-2:])) * gather
         grad_bytes = act + DTYPE_BYTES[prec.reduce_dtype]
-        block_grad_bufs = (units[0] if rank.layers else 0.0) * grad_bytes
-        output_grad_bufs = (units[-1] if rank.has_output else 0.0) * grad_bytes
+        block_bufs = (units[0] if rank.layers else 0.0) * grad_bytes
+        output_bufs = (units[-1] if rank.has_output else 0.0) * grad_bytes
     # Without FSDP, bf16 compute casts the fp32 weights once per step and keeps the copies
     # until backward (autocast's weight cache; replicate's bf16 unsharded params).
     compute_copies = n_local * act if (not layout.fsdp and act < FP32) else 0.0
 
-    # The transient on top of the saved activations peaks at one of three moments.
     a = activations(args, cfg, layout, rank, tokens, act, cpu)
-    working = max(a.loss_backward, a.block_backward + block_grad_bufs, a.logits_grad + output_grad_bufs)
+    moment, grads_bwd, acts, working = _backward_peak(
+        a, rank.layers, block_local * FP32, head_local * FP32, grads, micro_batches > 1, block_bufs, output_bufs
+    )
 
     # Optimizer temporaries: torch's foreach AdamW (the CUDA default) builds one full list of
     # sqrt(exp_avg_sq); the per-parameter loop (CPU default, bf16-state optimizers) only a few
@@ -449,15 +480,13 @@ def rank_memory(args: LlamaArgs, shapes: ParamShapes, cfg: TrainConfig, layout: 
         params=params,
         grads=grads,
         optim_states=optim_states,
+        optim_step=optim_step,
         fsdp_buffers=gathered,
         compute_copies=compute_copies,
-        activations=a.saved,
+        grads_during_backward=grads_bwd,
+        activations=acts,
         working=working,
-        optim_step=optim_step,
-        # With several micro-batches per step (accumulation or PP), the gradients of earlier
-        # ones are alive while the last one's activations are; with one, they only start to
-        # appear as activations are freed.
-        grads_during_backward=grads if micro_batches > 1 else 0.0,
+        backward_moment=moment,
     )
 
 

@@ -137,8 +137,9 @@ def _gather_global_kv(k: torch.Tensor, v: torch.Tensor, group, cp_size: int) -> 
     gathered = _AllGatherDim0.apply(torch.stack([k, v]), group, cp_size)  # (cp*2, b, h, local, d)
     per_rank = gathered.view(cp_size, 2, b, h, 2, c, d)
     # Chunk g < cp is rank g's front half; chunk g >= cp is rank 2cp-1-g's back half.
-    chunks = torch.cat([per_rank[:, :, :, :, 0], per_rank[:, :, :, :, 1].flip(0)])  # (2cp, 2, b, h, c, d)
-    kv = chunks.permute(1, 2, 3, 0, 4, 5).reshape(2, b, h, 2 * cp_size * c, d)
+    owners = [(g, 0) if g < cp_size else (2 * cp_size - 1 - g, 1) for g in range(2 * cp_size)]
+    kv = torch.stack([per_rank[r, :, :, :, half] for r, half in owners], dim=3)  # (2, b, h, 2cp, c, d)
+    kv = kv.view(2, b, h, 2 * cp_size * c, d)
     return kv[0], kv[1]
 
 

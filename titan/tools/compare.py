@@ -1,13 +1,14 @@
 """Compare runs and sweeps: a summary table, a loss figure, and an optional agreement check.
 
     python -m titan.tools.compare RUN_OR_SWEEP_DIR [...] [--out PLOT.png] [--no-plot]
-        [--reference RUN --rtol X [--atol Y] [--key loss]] [--ignore KEY ...]
+        [--reference RUN --rtol X [--atol Y] [--key loss] [--no-val]] [--ignore KEY ...]
 
 Every directory at or below the given paths that holds a `metrics.jsonl` is one run. The figure
 goes to `--out`, by default `compare.png` inside the first path given (a sweep's plot lands in
 its sweep dir). With `--reference`, every other run must match the reference's `--key` (and,
-for the default `loss`, also `val_loss` when both have it) on their common steps; the exit
-status is 1 when any run diverges or shares no step with the reference, so CI can gate on it.
+for the default `loss`, also `val_loss` when both have it, unless `--no-val`) on their common
+steps; the exit status is 1 when any run diverges or shares no step with the reference, so CI
+can gate on it.
 Exit status 2: bad arguments or a path with no runs.
 """
 
@@ -179,10 +180,12 @@ def _load(paths: Sequence[str], reference: Optional[str]) -> tuple[list[Run], Op
     return runs, matches[0]
 
 
-def _agreements(runs: list[Run], ref: Run, key: str, rtol: float, atol: float) -> list[Agreement]:
+def _agreements(
+    runs: list[Run], ref: Run, key: str, rtol: float, atol: float, with_val: bool = True
+) -> list[Agreement]:
     results = check_agreement(runs, ref, key, rtol, atol)
     # The default check also covers validation loss, where both sides logged any.
-    if key == "loss" and ref.val:
+    if with_val and key == "loss" and ref.val:
         results += [
             a
             for a in check_agreement([r for r in runs if r.val], ref, "val_loss", rtol, atol)
@@ -212,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance (default 1e-3)")
     p.add_argument("--atol", type=float, default=0.0, help="absolute tolerance (default 0)")
     p.add_argument("--key", default="loss", help="metric to check (default loss; + val_loss)")
+    p.add_argument("--no-val", action="store_true", help="with --key loss: skip val_loss")
     p.add_argument("--ignore", action="append", default=[], metavar="KEY",
                    help="setting key (or prefix) to leave out of 'differs'; repeatable")
     return p
@@ -236,7 +240,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"figure: {plot(runs, out, _labels(runs, keys))}")
     if ref is None:
         return 0
-    results = _agreements(runs, ref, args.key, args.rtol, args.atol)
+    results = _agreements(runs, ref, args.key, args.rtol, args.atol, not args.no_val)
     print(format_agreement(results, ref, args.rtol, args.atol))
     if not results:
         print("error: no other run to check against the reference", file=sys.stderr)

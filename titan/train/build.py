@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from titan.activation_checkpoint import apply_activation_checkpointing

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -81,7 +81,9 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         self.c.model.eval()
         total, count = torch.zeros((), device=self.env.device), 0
-        for inputs, labels in self.c.val_batches(self.cfg.training.val_batches):
+        # `val_batches` global batches: every rank its slice of each, so the mean does not depend
+        # on the layout (each micro-batch holds the same number of tokens).
+        for inputs, labels in self.c.val_batches(self.cfg.training.val_batches * self.accum_steps):
             with self.c.forward_context():
                 logits = self.c.model(inputs.to(self.env.device))
                 ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.to(self.env.device).flatten(), reduction="mean")
