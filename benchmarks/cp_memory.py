@@ -10,6 +10,11 @@ Memory is VmHWM from /proc/self/status after `echo 5 > /proc/self/clear_refs` (t
 peak-RSS reset); "step" is that peak minus the RSS before the step (the step's activations,
 gradients and temporaries), the part CP divides. Every rank runs one thread, so cp ranks use
 cp cores: time ratios include that extra compute.
+
+glibc keeps freed heap memory resident (fragmentation), which makes the peak RSS depend on
+the order of allocations more than on what is live. `--mmap-threshold` (default 128 KiB; 0 =
+glibc's dynamic default) is exported as MALLOC_MMAP_THRESHOLD_ to the ranks so that large
+tensors are mmapped and their memory returned when freed: the peak then tracks live memory.
 """
 
 from __future__ import annotations
@@ -112,7 +117,10 @@ def main() -> None:
     parser.add_argument("--cp", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--modes", nargs="+", default=["allgather", "ring"], choices=["allgather", "ring"])
     parser.add_argument("--warmup", type=int, default=0, help="untimed steps before the measured one")
+    parser.add_argument("--mmap-threshold", type=int, default=128 * 1024, help="MALLOC_MMAP_THRESHOLD_ for the ranks; 0 = glibc default")
     opts = parser.parse_args()
+    if opts.mmap_threshold:
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(opts.mmap_threshold)  # read by each spawned rank's glibc
     for cp in opts.cp:
         validate_cp(opts.seq_len, cp)
 
@@ -124,7 +132,8 @@ def main() -> None:
 
     base = results.get((1, "-"))
     print(f"\nllama3 debug dims (dim 256, 6 layers, 16 heads, vocab 2048), batch {opts.batch} x seq {opts.seq_len}, "
-          f"fp32, one forward+backward, 1 thread per rank; worst rank shown")
+          f"fp32, one forward+backward, 1 thread per rank; worst rank shown; "
+          f"MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', 'glibc default')}")
     print("| cp | mode | peak RSS/rank (GiB) | step memory/rank (GiB) | step mem vs cp=1 | step time (s) | time vs cp=1 |")
     print("|---|---|---|---|---|---|---|")
     for (cp, mode), r in results.items():

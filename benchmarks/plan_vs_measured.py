@@ -2,6 +2,7 @@
 
     python benchmarks/plan_vs_measured.py            # all cases, a markdown table
     python benchmarks/plan_vs_measured.py --quick    # the two smallest cases
+    python benchmarks/plan_vs_measured.py --only TP  # cases whose label contains "TP"
 
 Each case runs in fresh processes (1, or 2 with gloo for FSDP) that build the model with
 titan's own code (meta model -> titan.parallel -> materialise -> titan.optim), take two warm-up
@@ -41,6 +42,8 @@ CASES = [
     ("debug, FSDP x2, AC none", 2, BASE + ["parallel=fsdp", "training.global_batch_size=16"]),
     ("dim 512, FSDP x2, AC none", 2, BASE + DIM512 + ["parallel=fsdp", "training.global_batch_size=16"]),
     ("debug, DDP x2, AC none", 2, BASE + ["parallel=ddp", "training.global_batch_size=16"]),
+    ("debug, TP x2 (+SP, loss parallel), AC none", 2, BASE + ["parallel=tp"]),
+    ("dim 512, TP x2 (+SP, loss parallel), AC none", 2, BASE + DIM512 + ["parallel=tp"]),
 ]
 QUICK = CASES[:2]
 MMAP_THRESHOLD = "131072"  # 128 KiB: glibc's default, but fixed (no dynamic raise to 32 MiB)
@@ -64,6 +67,7 @@ def worker(overrides: list[str], steps: int = 2) -> dict:
     import torch.nn.functional as F
 
     from titan.activation_checkpoint import apply_activation_checkpointing
+    from titan.config.validate import resolve_micro_batch
     from titan.models import build_model, model_args
     from titan.optim import build_optimizer
     from titan.parallel import Parallel
@@ -73,6 +77,7 @@ def worker(overrides: list[str], steps: int = 2) -> dict:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         dist.init_process_group("gloo")
+    resolve_micro_batch(cfg, world)
     torch.manual_seed(0)
     t = cfg.training
     vocab = cfg.model.vocab_size if cfg.model.vocab_size > 0 else cfg.tokenizer.vocab_size
@@ -186,12 +191,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="only the two smallest cases")
+    ap.add_argument("--only", help="only the cases whose label contains this text")
     ap.add_argument("--no-default-malloc", action="store_true", help="skip the default-malloc column")
     a = ap.parse_args()
     if a.worker is not None:
         print(json.dumps(worker(json.loads(a.worker))))
         return
-    rows = compare(QUICK if a.quick else CASES, default_malloc=not a.no_default_malloc)
+    cases = QUICK if a.quick else [c for c in CASES if a.only is None or a.only in c[0]]
+    rows = compare(cases, default_malloc=not a.no_default_malloc)
     print(markdown(rows))
 
 

@@ -189,7 +189,7 @@ def _check_cp(group, cp_rank: int, cp_size: int, mode: str) -> None:
     torch.testing.assert_close(total, ref_loss.detach(), rtol=1e-5, atol=0)
     for (name, p), p_ref in zip(model.named_parameters(), ref.parameters()):
         dist.all_reduce(p.grad, group=group)
-        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{mode} {name}: {m}")
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{mode} {name}: {m}")
 
     # (c) training as the trainer does it: local mean loss, gradients averaged over cp.
     ref, model = _tiny_model(), apply_cp(_tiny_model(), group, cp_rank, cp_size, mode)
@@ -205,7 +205,7 @@ def _check_cp(group, cp_rank: int, cp_size: int, mode: str) -> None:
             dist.all_reduce(p.grad, group=group)
             p.grad /= cp_size
         dist.all_reduce(loss.detach_(), group=group)
-        torch.testing.assert_close(loss / cp_size, ref_loss.detach(), rtol=1e-5, atol=0, msg=lambda m: f"{mode} step {step}: {m}")
+        torch.testing.assert_close(loss / cp_size, ref_loss.detach(), rtol=1e-5, atol=0, msg=lambda m, step=step: f"{mode} step {step}: {m}")
         for o in (opt_ref, opt):
             o.step()
             o.zero_grad()
@@ -227,7 +227,7 @@ def _check_attention_kernels(group, cp_rank: int, cp_size: int) -> None:
         for mine, full in zip((out, *grads), (ref, *ref_grads)):
             shards = [torch.empty_like(mine) for _ in range(cp_size)]
             dist.all_gather(shards, mine.detach().contiguous(), group=group)
-            torch.testing.assert_close(cp_unshard(shards, 2), full.detach(), rtol=1e-5, atol=1e-5, msg=lambda m: f"{attention.__name__} {kernel}: {m}")
+            torch.testing.assert_close(cp_unshard(shards, 2), full.detach(), rtol=1e-5, atol=1e-5, msg=lambda m, a=attention, k=kernel: f"{a.__name__} {k}: {m}")
 
 
 def _worker(rank: int, world: int, port: int, layouts: str) -> None:

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from titan.config.schema import DType
 from titan.models import build_model, count_params, model_args
 from titan.models.llama3 import LlamaArgs, TransformerBlock, rope_table
 from titan.plan import Layout, block_saved_bytes, plan, resolve_degrees
@@ -135,13 +134,26 @@ def test_activation_checkpointing_lowers_activation_memory():
     assert acts["full"] < acts["none"] / 10
 
 
-def test_tp_and_cp_divide_activations():
+def test_tp_divides_activations_except_the_gathered_matmul_inputs():
     base = ["model=llama3_8b", "precision=bf16", "training.seq_len=8192", "training.micro_batch_size=1", "parallel.dp_shard=1"]
     one = plan(cfg(*base)).per_layer_activation
     tp = plan(cfg(*base, "parallel.tp=4"), world_size=4).per_layer_activation
-    cp = plan(cfg(*base, "parallel.cp=4", "parallel.dp_shard=1"), world_size=4).per_layer_activation
     assert one / 4 < tp < one / 2  # the gathered matmul inputs stay full length under TP+SP
-    assert one / 4 < cp < one / 2  # the gathered K/V stay full length under CP
+
+
+def test_cp_keeps_kv_heads_gathered_or_local():
+    args = LlamaArgs(dim=4096, n_heads=32, n_kv_heads=8, multiple_of=1024, ffn_dim_multiplier=1.3)
+    local, cp, kv_width = 2048, 4, 8 * 128
+
+    def saved(cp_degree, mode="allgather"):
+        layout = Layout(1, 1, cp_degree, 1, 1, fsdp=cp_degree > 1, sequence_parallel=False, loss_parallel=False, cp_mode=mode)
+        return block_saved_bytes(args, local, 2, layout, cpu=False)
+
+    plain, gathered, ring = saved(1), saved(cp), saved(cp, "ring")
+    assert plain["k, v"] == 2 * local * 4096 * 2  # repeated to n_heads
+    assert gathered["k, v"] == 2 * local * cp * kv_width * 2  # one copy per kv head, whole sequence
+    assert ring["k, v"] == 2 * local * kv_width * 2  # only the local block
+    assert {k: v for k, v in gathered.items() if k != "k, v"} == {k: v for k, v in plain.items() if k != "k, v"}
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ Storage conventions (they follow titan's code, not a generic textbook):
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 from titan.config.errors import ConfigError
@@ -54,6 +54,7 @@ class Layout:
     fsdp: bool  # parameters sharded over dp_shard x cp (FSDP2 / HSDP)
     sequence_parallel: bool
     loss_parallel: bool
+    cp_mode: str = "allgather"  # titan.parallel.context_parallel: allgather | ring
 
     @property
     def world(self) -> int:
@@ -107,6 +108,7 @@ def resolve_layout(cfg: TrainConfig, world_size: int) -> Layout:
         fsdp=d["dp_shard"] * d["cp"] > 1,
         sequence_parallel=p.sequence_parallel and d["tp"] > 1,
         loss_parallel=p.loss_parallel and d["tp"] > 1,
+        cp_mode=str(getattr(getattr(p, "cp_mode", None), "value", getattr(p, "cp_mode", None)) or "allgather"),
     )
 
 
@@ -187,9 +189,7 @@ def chunks_in_flight(schedule: PipelineSchedule, pp: int, v: int, n_mb: int, ran
     ZB-V matches 1F1B's peak (2 chunks per micro-batch); DualPipeV holds one micro-batch more."""
     if pp == 1:
         return 1.0
-    if schedule is PipelineSchedule.GPipe:
-        return float(n_mb * v)
-    if schedule is PipelineSchedule.LoopedBFS:
+    if schedule in (PipelineSchedule.GPipe, PipelineSchedule.LoopedBFS):
         return float(n_mb * v)
     if schedule in _INTERLEAVED and v > 1:
         return float(min(n_mb * v, (v - 1) * pp + 2 * (pp - 1 - rank) + 1))
@@ -241,8 +241,9 @@ def block_saved_bytes(args: LlamaArgs, tokens: float, act: int, layout: Layout, 
       the input, in its dtype);
     - the matmul inputs n1 = norm(x) and n2 = norm(h): under TP+SP they are the all-gathered,
       full-sequence tensors, so they are *not* divided by tp;
-    - SDPA keeps q, k, v (k/v after the GQA repeat, so n_heads wide; all-gathered over the
-      full sequence under CP), its output (= wo's input) and the fp32 logsumexp;
+    - SDPA keeps q, k, v (k/v after the GQA repeat, so n_heads wide), its output (= wo's
+      input) and the fp32 logsumexp. Under CP the attention module keeps K/V of the kv heads
+      only: gathered over the whole sequence (allgather mode) or local (ring mode);
     - SwiGLU keeps w1's output (silu input), silu's output and w3's output (the product's
       inputs) and the product (w2's input): 4 x ffn_hidden.
     RoPE saves only its cos/sin table (a buffer); the residual adds save nothing."""
@@ -250,11 +251,16 @@ def block_saved_bytes(args: LlamaArgs, tokens: float, act: int, layout: Layout, 
     d, f, heads = args.dim, args.ffn_hidden, args.n_heads
     width = heads * args.head_dim
     norm_elem = 2 * FP32 if cpu else act
+    if layout.cp > 1:
+        kv_tokens = tokens * (layout.cp if layout.cp_mode == "allgather" else 1)
+        kv = 2 * kv_tokens * args.kv_heads * args.head_dim * act / tp
+    else:
+        kv = 2 * tokens * width * act / tp
     return {
         ("norm inputs + normalised (fp32)" if cpu else "norm inputs"): 2 * tokens * (d * norm_elem + FP32) / sp,
         "matmul inputs n1, n2": 2 * tokens * d * act,
         "q": tokens * width * act / tp,
-        "k, v (repeated to n_heads)": 2 * tokens * layout.cp * width * act / tp,
+        "k, v": kv,
         "attention output": tokens * width * act / tp,
         "logsumexp": tokens * heads * FP32 / tp,
         "SwiGLU (w1, silu, w3, product)": 4 * tokens * f * act / tp,
@@ -342,7 +348,7 @@ class RankMemory:
     optim_states: float
     optim_step: float  # optimizer temporaries (foreach lists / per-parameter)
     fsdp_buffers: float  # gathered (unsharded) parameters: current + prefetched group
-    compute_copies: float  # bf16 weight copies without FSDP (autocast cache)
+    compute_copies: float  # weight copies without FSDP: DDP's unsharded params, autocast's cache
     grads_during_backward: float  # gradients already allocated at the backward peak
     activations: float  # saved activations still alive at the backward peak
     working: float  # the transient at that moment: loss, recomputed block, FSDP grad buffers
@@ -351,10 +357,16 @@ class RankMemory:
     peak_phase: str = ""
 
     def __post_init__(self) -> None:
-        fb = self.grads_during_backward + self.fsdp_buffers + self.compute_copies + self.activations + self.working
-        opt = self.grads + self.optim_step
-        self.peak = self.params + self.optim_states + max(fb, opt)
-        self.peak_phase = f"backward, {self.backward_moment}" if fb >= opt else "optimizer step"
+        self.peak = max(self.backward_peak, self.optimizer_peak)
+        self.peak_phase = f"backward, {self.backward_moment}" if self.backward_peak >= self.optimizer_peak else "optimizer step"
+
+    @property
+    def backward_peak(self) -> float:
+        return self.params + self.optim_states + self.grads_during_backward + self.fsdp_buffers + self.compute_copies + self.activations + self.working
+
+    @property
+    def optimizer_peak(self) -> float:
+        return self.params + self.optim_states + self.grads + self.optim_step
 
     def consumers(self) -> list[tuple[str, float]]:
         """What makes up the peak, biggest first."""
@@ -366,7 +378,7 @@ class RankMemory:
                 {
                     "gradients": self.grads_during_backward,
                     "FSDP gathered parameters": self.fsdp_buffers,
-                    "bf16 weight copies": self.compute_copies,
+                    "weight copies (DDP / autocast)": self.compute_copies,
                     "activations": self.activations,
                     "backward working set": self.working,
                 }
@@ -452,9 +464,11 @@ def rank_memory(args: LlamaArgs, shapes: ParamShapes, cfg: TrainConfig, layout: 
         grad_bytes = act + DTYPE_BYTES[prec.reduce_dtype]
         block_bufs = (units[0] if rank.layers else 0.0) * grad_bytes
         output_bufs = (units[-1] if rank.has_output else 0.0) * grad_bytes
-    # Without FSDP, bf16 compute casts the fp32 weights once per step and keeps the copies
-    # until backward (autocast's weight cache; replicate's bf16 unsharded params).
-    compute_copies = n_local * act if (not layout.fsdp and act < FP32) else 0.0
+    # Without FSDP, weights are used through a second copy kept from forward to backward:
+    # DDP (FSDP2's replicate) gathers into unsharded params of the compute dtype even on one
+    # shard (measured: a full fp32 copy); a single process in bf16 keeps autocast's cache.
+    ddp = not layout.fsdp and layout.replicate > 1
+    compute_copies = n_local * act if ddp or (not layout.fsdp and act < FP32) else 0.0
 
     a = activations(args, cfg, layout, rank, tokens, act, cpu)
     moment, grads_bwd, acts, working = _backward_peak(
@@ -501,6 +515,7 @@ def communication(args: LlamaArgs, shapes: ParamShapes, cfg: TrainConfig, layout
     prec = cfg.precision
     act = DTYPE_BYTES[prec.param_dtype]
     red = DTYPE_BYTES[prec.reduce_dtype]
+    gather = 1 if prec.float8 is Float8Recipe.tensorwise and prec.fsdp_float8_all_gather else act
     out: dict[str, float] = {}
     units = _units(shapes, rank, layout)
     unsharded = sum(units)  # after TP, before FSDP
@@ -512,7 +527,7 @@ def communication(args: LlamaArgs, shapes: ParamShapes, cfg: TrainConfig, layout
         regather = 0.0 if reshard is ReshardAfterForward.never else unsharded
         if reshard is ReshardAfterForward.default and layout.pp == 1:
             regather -= units[-1]  # the last group stays gathered for backward
-        out["dp_shard x cp: FSDP all-gather"] = passes * (unsharded + regather) * act * (n - 1) / n
+        out["dp_shard x cp: FSDP all-gather"] = passes * (unsharded + regather) * gather * (n - 1) / n
         out["dp_shard x cp: FSDP reduce-scatter"] = passes * unsharded * red * (n - 1) / n
     r = layout.replicate
     if r > 1:
@@ -539,12 +554,14 @@ def communication(args: LlamaArgs, shapes: ParamShapes, cfg: TrainConfig, layout
 
     cp = layout.cp
     if cp > 1:
-        # K and V (n_heads wide after the GQA repeat) gathered per block in forward,
-        # their gradients reduce-scattered in backward.
-        width = args.n_heads * args.head_dim / tp
-        ac_regather = 1 if cfg.activation_checkpoint.mode is ACMode.full else 0
-        kv = 2 * tokens * cp * width * act
-        out["cp: K/V all-gather + grad reduce-scatter"] = passes * rank.layers * (2 + ac_regather) * kv * (cp - 1) / cp
+        # One copy of each K/V head (not the GQA repeats). allgather: gather in forward,
+        # reduce-scatter the gradients in backward; ring: cp-1 shifts of the local block in
+        # forward, and in backward again with the gradients travelling along.
+        local_kv = 2 * tokens * args.kv_heads * args.head_dim / tp * act
+        forward = (cp - 1) * local_kv
+        backward = forward * (2 if layout.cp_mode == "ring" else 1)
+        recompute = forward if cfg.activation_checkpoint.mode is ACMode.full else 0.0
+        out[f"cp: K/V {layout.cp_mode} (+ gradients)"] = passes * rank.layers * (forward + backward + recompute)
     return out
 
 
@@ -586,6 +603,19 @@ class Plan:
         return d
 
 
+def _check_divisible(cfg: TrainConfig, layout: Layout) -> None:
+    """The shape checks training makes before launch (a plan of an impossible layout is noise)."""
+    from titan.config.validate import validate_model
+
+    validate_model(cfg)
+    m, tp = cfg.model, layout.tp
+    for key, value in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.n_kv_heads or m.n_heads)):
+        if value % tp:
+            raise ConfigError(key, f"{value} is not divisible by parallel.tp={tp}")
+    if cfg.training.seq_len % (layout.cp * (tp if layout.sequence_parallel else 1)):
+        raise ConfigError("training.seq_len", f"{cfg.training.seq_len} must be divisible by cp x tp (with sequence parallelism)")
+
+
 def plan(
     cfg: TrainConfig,
     world_size: Optional[int] = None,
@@ -608,6 +638,7 @@ def plan(
     if not 0 < mfu <= 1:
         raise ConfigError("mfu", f"must be in (0, 1], got {mfu}")
     layout = resolve_layout(cfg, world_size)
+    _check_divisible(cfg, layout)
     notes: list[str] = []
 
     vocab = cfg.model.vocab_size if cfg.model.vocab_size > 0 else cfg.tokenizer.vocab_size
@@ -615,15 +646,17 @@ def plan(
     shapes = param_shapes(args)
     cpu = t.device is Device.cpu
 
+    # micro_batch_size -1: each data-parallel rank's whole share in one forward (as training).
     global_batch = t.global_batch_size
-    if global_batch < t.micro_batch_size * layout.dp:
-        global_batch = t.micro_batch_size * layout.dp
-        notes.append(f"training.global_batch_size={t.global_batch_size} is below one micro-batch per data-parallel rank; planned with {global_batch}")
-    accum = max(1, global_batch // (t.micro_batch_size * layout.dp))
+    micro = t.micro_batch_size if t.micro_batch_size > 0 else max(1, global_batch // layout.dp)
+    if global_batch < micro * layout.dp:
+        global_batch = micro * layout.dp
+        notes.append(f"training.global_batch_size={t.global_batch_size} is below one sequence per data-parallel rank; planned with {global_batch}")
+    accum = max(1, global_batch // (micro * layout.dp))
     n_mb = (p.pp_microbatches if p.pp_microbatches > 0 else layout.pp * max(p.pp_virtual_stages, 1)) if layout.pp > 1 else 1
-    if t.micro_batch_size % n_mb:
-        notes.append(f"micro_batch_size={t.micro_batch_size} does not split into {n_mb} pipeline micro-batches; planned with fractional ones")
-    tokens = t.micro_batch_size / n_mb * t.seq_len / layout.cp
+    if micro % n_mb:
+        notes.append(f"micro_batch_size={micro} does not split into {n_mb} pipeline micro-batches; planned with fractional ones")
+    tokens = micro / n_mb * t.seq_len / layout.cp
     micro_batches = accum * n_mb
 
     ranks = pipeline_ranks(cfg, layout, n_mb)
@@ -649,7 +682,7 @@ def plan(
         layout={**{k: getattr(layout, k) for k in ("dp_replicate", "dp_shard", "cp", "tp", "pp")}, "fsdp": layout.fsdp},
         world_size=layout.world,
         seq_len=t.seq_len,
-        micro_batch_size=t.micro_batch_size,
+        micro_batch_size=micro,
         global_batch_size=global_batch,
         accum_steps=accum,
         pp_microbatches=n_mb,

@@ -63,6 +63,11 @@ class Launcher(str, Enum):
     env = "env"  # this process is one rank; rank/world size come from the environment
 
 
+class CPMode(str, Enum):
+    allgather = "allgather"
+    ring = "ring"
+
+
 class PipelineSchedule(str, Enum):
     GPipe = "GPipe"
     OneFOneB = "1F1B"
@@ -93,6 +98,8 @@ class ParallelConfig:
     sequence_parallel: bool = True
     loss_parallel: bool = True
     async_tp: bool = False  # CUDA + NCCL only (symmetric memory)
+    # Context parallel: K/V all-gathered per layer (fast) or passed around a ring (less memory).
+    cp_mode: CPMode = CPMode.allgather
     # Pipeline parallel
     pp_schedule: PipelineSchedule = PipelineSchedule.OneFOneB
     pp_microbatches: int = -1  # -1: one per stage... resolved as max(pp stages, 1)

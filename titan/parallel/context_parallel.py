@@ -21,8 +21,6 @@ sharding rule for the CPU flash-attention op), so this module does not use it.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -86,7 +84,7 @@ def cp_shard(tensor: torch.Tensor, dim: int, cp_rank: int, cp_size: int) -> torc
 def cp_unshard(shards: list[torch.Tensor], dim: int) -> torch.Tensor:
     """Inverse of `cp_shard`: the shards of every rank, in cp-rank order, back in global order."""
     cp_size = len(shards)
-    ordered: list[Optional[torch.Tensor]] = [None] * (2 * cp_size)
+    ordered: list[torch.Tensor | None] = [None] * (2 * cp_size)
     for rank, shard in enumerate(shards):
         front, back = shard.chunk(2, dim)
         ordered[rank], ordered[2 * cp_size - 1 - rank] = front, back
@@ -95,7 +93,7 @@ def cp_unshard(shards: list[torch.Tensor], dim: int) -> torch.Tensor:
 
 def cp_inputs(
     tokens: torch.Tensor, labels: torch.Tensor, cp_rank: int, cp_size: int
-) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Shard one micro-batch of (batch, seq) tokens and labels for this cp rank.
 
     Returns (tokens_local, labels_local, positions); positions is None without CP, so the
@@ -166,7 +164,7 @@ ALLGATHER_KERNELS = (*KERNELS, "sdpa_mask")
 
 
 def allgather_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, cp_rank: int, cp_size: int, kernel: Optional[str] = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, cp_rank: int, cp_size: int, kernel: str | None = None
 ) -> torch.Tensor:
     """Exact causal attention of this rank's queries over the whole (cp-sharded) sequence.
 

@@ -18,7 +18,6 @@ and gradient accumulation run in at least fp32.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -126,7 +125,7 @@ class _RingAttention(torch.autograd.Function):
 
 
 def ring_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, cp_rank: int, cp_size: int, kernel: Optional[str] = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, cp_rank: int, cp_size: int, kernel: str | None = None
 ) -> torch.Tensor:
     """Exact causal attention of this rank's queries over the whole cp-sharded sequence.
 

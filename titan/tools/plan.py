@@ -66,7 +66,7 @@ def compose(overrides: list[str], config_dir: Optional[str] = None):
 
 
 def _gib(x: float) -> str:
-    return f"{x / 2**30:8.2f}"
+    return f"{x / 2**30:10.2f}"
 
 
 def _size(x: float) -> str:
@@ -92,16 +92,21 @@ def format_plan(p) -> str:
     header = "memory per rank (GiB)".ljust(34) + "".join(f"{'pp' + str(r.pp_rank):>10}" for r in ranks)
     rows = [
         ("layers held", lambda r: f"{r.layers:>10}"),
-        ("parameters (fp32)", lambda r: f"{_gib(r.params):>10}"),
-        ("gradients (fp32)", lambda r: f"{_gib(r.grads):>10}"),
-        ("optimizer states", lambda r: f"{_gib(r.optim_states):>10}"),
-        ("FSDP gathered parameters", lambda r: f"{_gib(r.fsdp_buffers):>10}"),
-        ("bf16 weight copies (no FSDP)", lambda r: f"{_gib(r.compute_copies):>10}"),
-        ("activations", lambda r: f"{_gib(r.activations):>10}"),
-        ("  micro-batches in flight", lambda r: f"{r.in_flight:>10.2f}"),
-        ("backward working set", lambda r: f"{_gib(r.working):>10}"),
-        ("optimizer temporaries", lambda r: f"{_gib(r.optim_step):>10}"),
-        ("PEAK", lambda r: f"{_gib(r.peak):>10}"),
+        ("parameters (fp32)", lambda r: _gib(r.params)),
+        ("optimizer states", lambda r: _gib(r.optim_states)),
+        ("at the backward peak:", lambda r: f"{r.backward_moment:>10}"),
+        ("  gradients allocated", lambda r: _gib(r.grads_during_backward)),
+        ("  FSDP gathered parameters", lambda r: _gib(r.fsdp_buffers)),
+        ("  weight copies (DDP / autocast)", lambda r: _gib(r.compute_copies)),
+        ("  saved activations", lambda r: _gib(r.activations)),
+        ("    micro-batches in flight", lambda r: f"{r.in_flight:>10.2f}"),
+        ("  backward working set", lambda r: _gib(r.working)),
+        ("  = backward peak", lambda r: _gib(r.backward_peak)),
+        ("at the optimizer step:", lambda r: " " * 10),
+        ("  gradients (fp32)", lambda r: _gib(r.grads)),
+        ("  optimizer temporaries", lambda r: _gib(r.optim_step)),
+        ("  = optimizer-step peak", lambda r: _gib(r.optimizer_peak)),
+        ("PEAK", lambda r: _gib(r.peak)),
     ]
     lines.append(header)
     for name, cell in rows:

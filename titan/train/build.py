@@ -20,6 +20,7 @@ from titan.data import build_data, build_tokenizer
 from titan.models import LlamaArgs, build_model, count_params, flops_per_token, model_args
 from titan.optim import build_lr_scheduler, build_optimizer
 from titan.parallel import build_parallel
+from titan.parallel.context_parallel import cp_inputs
 from titan.precision import Precision, build_precision
 from titan.train.env import RankEnv
 from titan.train.state import TrainState
@@ -49,6 +50,12 @@ class Components:
         with self.parallel.loss_context():
             with self.precision.autocast():
                 yield
+
+    def local_inputs(self, inputs: torch.Tensor, labels: torch.Tensor):
+        """This rank's part of a micro-batch on its device: under context parallelism a
+        load-balanced slice of the sequence, with the absolute positions RoPE needs."""
+        device = self.parallel.device
+        return cp_inputs(inputs.to(device), labels.to(device), self.parallel.cp_rank, self.parallel.cp_size)
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         return self.parallel.clip_grad_norm(self.model.parameters(), max_norm)

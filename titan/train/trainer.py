@@ -56,9 +56,9 @@ class Trainer:
         model, opt = self.c.model, self.c.optimizer
         total = torch.zeros((), device=self.env.device)
         for inputs, labels in batches:  # gradient accumulation over micro-batches
-            inputs, labels = inputs.to(self.env.device), labels.to(self.env.device)
+            inputs, labels, positions = self.c.local_inputs(inputs, labels)
             with self.c.forward_context():
-                loss = self.loss_fn(model(inputs), labels)
+                loss = self.loss_fn(model(inputs, positions=positions), labels)
                 loss.backward()
             total += self.c.parallel.plain_loss(loss.detach())
         grad_norm = float(self.c.clip_grad_norm(self.cfg.optim.max_norm))
@@ -84,9 +84,10 @@ class Trainer:
         # `val_batches` global batches: every rank its slice of each, so the mean does not depend
         # on the layout (each micro-batch holds the same number of tokens).
         for inputs, labels in self.c.val_batches(self.cfg.training.val_batches * self.accum_steps):
+            inputs, labels, positions = self.c.local_inputs(inputs, labels)
             with self.c.forward_context():
-                logits = self.c.model(inputs.to(self.env.device))
-                ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.to(self.env.device).flatten(), reduction="mean")
+                logits = self.c.model(inputs, positions=positions)
+                ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="mean")
             total += self.c.parallel.plain_loss(ce)
             count += 1
         self.c.model.train()
