@@ -25,8 +25,9 @@ def assert_close(a: list[float], b: list[float], rtol: float = 1e-5) -> None:
         assert abs(x - y) <= rtol * abs(y), (a, b)
 
 
-def test_fsdp_two_processes_matches_single(single, tmp_path):
-    run = run_titan(tmp_path / "r", *STEPS, "parallel=fsdp").check()
+@pytest.mark.parametrize("layout", ["fsdp", "tp", "cp"])
+def test_two_processes_match_single(single, tmp_path, layout):
+    run = run_titan(tmp_path / "r", *STEPS, f"parallel={layout}").check()
     assert_close(run.losses, single.losses)
     assert all(r["tokens_per_sec"] > 0 for r in run.train)
     assert (run.run_dir / "logs").is_dir()  # every rank's output is kept

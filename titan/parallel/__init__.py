@@ -20,6 +20,7 @@ from torch import nn
 
 from titan.config.errors import ConfigError
 from titan.config.schema import ParallelConfig, PrecisionConfig
+from titan.parallel.context_parallel import apply_cp
 from titan.parallel.fsdp import apply_ddp, apply_fsdp
 from titan.parallel.grad import all_reduce_mean, all_reduce_sum, clip_grad_norm_, plain, total_grad_norm
 from titan.parallel.init import materialize_and_init
@@ -45,9 +46,11 @@ def parallelize(
     the TP'd blocks and be wrapped by FSDP), then FSDP/HSDP (dp_shard x cp > 1) or DDP
     (dp_replicate > 1 only). `mesh` None: one process, only the transforms run.
     A transform may return a new module or None (changed in place)."""
-    for dim in ("pp", "cp"):
-        if _degree(mesh, dim) > 1:  # FSDP over dp_shard x cp alone would train the wrong model
-            raise ConfigError(f"parallel.{dim}", f"{dim} > 1 is not wired into titan.parallel.parallelize yet")
+    if _degree(mesh, "pp") > 1:
+        raise ConfigError("parallel.pp", "pp > 1 is not wired into titan.parallel.parallelize yet")
+    if _degree(mesh, "cp") > 1:  # attention over the sequence shards; FSDP then shards over dp x cp
+        cp_mesh = mesh["cp"]
+        apply_cp(model, cp_mesh.get_group(), cp_mesh.get_local_rank(), cp_mesh.size(), parallel_cfg.cp_mode.value)
     if _degree(mesh, "tp") > 1:
         apply_tp(model, mesh["tp"], parallel_cfg.sequence_parallel, parallel_cfg.loss_parallel, parallel_cfg.async_tp)
     for transform in before_data_parallel:
@@ -84,6 +87,9 @@ class Parallel:
         # the global batch's tokens.
         self.loss_divisor = d["dp_replicate"] * d["dp_shard"] * d["cp"]
         self.dp_cp_group = group_of(self.mesh, "dp_cp")
+        self.device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+        self.cp_size = d["cp"]
+        self.cp_rank = self.mesh["cp"].get_local_rank() if self.cp_size > 1 else 0
         self.pp_group = group_of(self.mesh, "pp")
 
     def apply(self, model: nn.Module, precision: Any = None, before_data_parallel: Sequence[ModelTransform] = ()) -> nn.Module:

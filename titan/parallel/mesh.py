@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from titan.config.errors import ConfigError
+from titan.parallel.context_parallel import validate_cp
 from titan.config.schema import ParallelConfig
 
 DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
@@ -105,8 +106,7 @@ def validate_layout(cfg, world_size: int) -> None:
         compile_mode = getattr(cfg.compile.mode, "value", cfg.compile.mode)
         if compile_mode == "off":
             raise ConfigError("parallel.async_tp", "async TP is a torch.compile pass; set compile.mode=block or model")
-    if cp > 1 and t.seq_len % cp:
-        raise ConfigError("training.seq_len", f"{t.seq_len} must be divisible by parallel.cp={cp}")
+    validate_cp(t.seq_len, cp)  # load balancing splits the sequence into 2 x cp chunks
     if pp > 1 and m.n_layers < pp * p.pp_virtual_stages:
         raise ConfigError(
             "parallel.pp",

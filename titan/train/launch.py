@@ -53,7 +53,7 @@ def spawn_workers(cfg: TrainConfig) -> Optional[float]:
         max_restarts=0,
         start_method="spawn",
         monitor_interval=0.1,
-        log_line_prefix_template="",  # rank 0's lines already say who they are
+        log_line_prefix_template="[rank${rank}]",
         # Every rank's stdout/stderr goes to logs/; rank 0 is also shown on the console.
         logs_specs=DefaultLogsSpecs(log_dir=str(log_dir), redirects=Std.ALL, tee={0: Std.ALL}),
     )

@@ -23,7 +23,7 @@ def _configure_logging(rank: int) -> None:
         return
     if not logger.handlers:  # a spawned worker: the launcher captures stdout into logs/
         handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter(f"[%(asctime)s][rank {rank}] %(message)s", "%H:%M:%S"))
+        handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
         logger.propagate = False
 
