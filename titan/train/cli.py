@@ -86,6 +86,10 @@ def _pin_run_dir_under_launcher() -> None:
 
 def main() -> None:
     register_schemas()
+    if launched_by_env() and {"-m", "--multirun"} & set(sys.argv):
+        print("config error: -m/--multirun under torchrun or srun would run the whole sweep on every rank; "
+              "run the sweep without torchrun (each job self-launches its workers)", file=sys.stderr)
+        sys.exit(2)
     _pin_run_dir_under_launcher()
     try:
         _hydra_main()
