@@ -3,8 +3,9 @@ every parallel layout can be compared step by step with the single-process refer
 
 `run_reference()` runs in the calling process; `run_world(world, layouts)` spawns `world`
 ranks that run each layout in turn (one world, reused) and returns rank 0's results.
-Layouts are `conf/parallel/<preset>.yaml` names, optionally with field overrides; the
-override `float8` ("tensorwise" or "tensorwise_fsdp_all_gather") converts the block linears
+Layouts are `conf/parallel/<preset>.yaml` names, optionally with field overrides; a layout
+with pp > 1 trains through `Parallel.build_pipeline` (override `microbatch_size`, default 1,
+sets the pipeline's microbatch size); the override `float8` ("tensorwise" or "tensorwise_fsdp_all_gather") converts the block linears
 with torchao first, `model` (a dict) changes LlamaArgs fields; compare with
 `run_reference(float8, model)`.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import tempfile
 import traceback
 from datetime import timedelta
@@ -86,6 +88,69 @@ def train(model: torch.nn.Module, par: Parallel) -> dict:
     return {"losses": losses, "grad_norms": norms}
 
 
+def eval_batch() -> torch.Tensor:
+    """(GLOBAL_BATCH, SEQ + 1) held-out token ids for a forward-only loss."""
+    g = torch.Generator().manual_seed(SEED + 2)
+    return torch.randint(0, ARGS.vocab_size, (GLOBAL_BATCH, SEQ + 1), generator=g)
+
+
+def summed_ce(tokens_per_rank: int):
+    """The trainer's loss: token-summed CE over this rank's tokens / its share of the batch."""
+
+    def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum") / tokens_per_rank
+
+    return loss_fn
+
+
+def gathered_full_state(module: torch.nn.Module, par: Parallel) -> dict[str, torch.Tensor]:
+    """The whole model's unsharded state, on every rank, from each rank's pipeline stages."""
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, full_state(module))
+    return {k: v for part in parts for k, v in part.items()}
+
+
+def train_pipeline(par: Parallel, model: torch.nn.Module, microbatch_size: int) -> dict:
+    """`train` through a pipeline: one `Pipeline.step` per optimizer step over this rank's
+    whole slice of the global batch, then clipping over all stages and the loss reduced from
+    the last stage (as the trainer does under pp)."""
+    per_rank = GLOBAL_BATCH // par.dp_world
+    tokens_per_rank = GLOBAL_BATCH * SEQ // par.loss_divisor
+    pipe = par.build_pipeline(model, summed_ce(tokens_per_rank), microbatch_size, per_rank, SEQ)
+    for part in pipe.model_parts:
+        par.materialize_and_init(part, torch.device("cpu"), SEED)
+    init = gathered_full_state(pipe.rank_model, par)
+    opt = torch.optim.AdamW(pipe.rank_model.parameters(), lr=LR, weight_decay=0.1)
+    losses, norms = [], []
+    for batch in batches():
+        rows = batch[par.dp_rank * per_rank : (par.dp_rank + 1) * per_rank]
+        inputs, labels, _ = par_local(par, rows)
+        loss = pipe.step(inputs, labels)
+        norms.append(float(par.clip_grad_norm(pipe.model_parts, MAX_NORM)))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(par.mean_over_dp(loss))
+    rows = eval_batch()[par.dp_rank * per_rank : (par.dp_rank + 1) * per_rank]
+    inputs, labels, _ = par_local(par, rows)
+    eval_loss = par.mean_over_dp(pipe.eval_loss(inputs, labels))
+    return {
+        "init": init,
+        "losses": losses,
+        "grad_norms": norms,
+        "eval_loss": eval_loss,
+        "final": gathered_full_state(pipe.rank_model, par),
+        "stage_keys": sorted(pipe.rank_model.state_dict().keys()),
+        "n_microbatches": pipe.n_microbatches,
+    }
+
+
+def par_local(par: Parallel, rows: torch.Tensor):
+    """(inputs, labels, positions) of this rank: the context-parallel slice under cp."""
+    from titan.parallel.context_parallel import cp_inputs
+
+    return cp_inputs(rows[:, :-1], rows[:, 1:], par.cp_rank, par.cp_size)
+
+
 def run_reference(float8: Optional[str] = None, model_fields: Optional[dict] = None) -> dict:
     """One process, plain init: `torch.manual_seed(seed); to_empty; init_weights()`."""
     par = Parallel(parallel_config("single"), PrecisionConfig(), world_size=1, device_type="cpu")
@@ -95,13 +160,20 @@ def run_reference(float8: Optional[str] = None, model_fields: Optional[dict] = N
     model.init_weights()
     init = full_state(model)
     out = train(model, par)
-    return {"init": init, **out, "final": full_state(model)}
+    with torch.no_grad():
+        rows = eval_batch()
+        logits = model(rows[:, :-1])
+        eval_loss = float(F.cross_entropy(logits.flatten(0, 1), rows[:, 1:].flatten()))
+    return {"init": init, **out, "final": full_state(model), "eval_loss": eval_loss}
 
 
 def _run_layout(preset: str, overrides: dict, world: int) -> dict:
     overrides = dict(overrides)
     float8, model_fields = overrides.pop("float8", None), overrides.pop("model", None)
+    microbatch_size = overrides.pop("microbatch_size", 1)
     par = Parallel(parallel_config(preset, **overrides), PrecisionConfig(), world_size=world, device_type="cpu")
+    if par.pp_enabled:
+        return {**train_pipeline(par, build_model(float8, model_fields), microbatch_size), "degrees": par.degrees}
     model = par.apply(build_model(float8, model_fields))
     par.materialize_and_init(model, torch.device("cpu"), SEED)
     init = full_state(model)
@@ -120,6 +192,8 @@ def _worker(rank: int, world: int, port: int, layouts: list, out_path: str) -> N
                 results[key] = _run_layout(preset, overrides, world)
             except Exception:  # reported per layout; the peers fail at their next collective
                 results[key] = {"error": f"rank {rank}: {traceback.format_exc()}"}
+                if rank != 0:  # only rank 0's results come back: show the others' errors
+                    print(f"[{key}] {results[key]['error']}", file=sys.stderr)
                 break
         if rank == 0:
             torch.save(results, out_path)

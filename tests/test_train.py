@@ -74,3 +74,15 @@ def test_wandb_offline_files(tmp_path):
     assert offline, list(run.run_dir.rglob("*"))[:20]
     state = json.loads((run.run_dir / "wandb.json").read_text())
     assert state["last_step"]["train"] == 3
+
+
+def test_async_checkpoints_thread_and_process(tmp_path):
+    common = ["training.steps=6", "checkpoint.interval=2", "checkpoint.keep_last_k=2"]
+    sync = run_titan(tmp_path / "sync", *common).check()
+    for mode in ("thread", "process"):
+        run = run_titan(tmp_path / mode, *common, f"checkpoint.async_mode={mode}").check()
+        assert run.losses == sync.losses  # saving in the background never changes training
+        ckpts = sorted(p.name for p in (run.run_dir / "checkpoints").iterdir())
+        assert ckpts == ["step-00000004", "step-00000006"]  # keep_last_k, all complete
+        assert all((run.run_dir / "checkpoints" / c / ".complete").exists() for c in ckpts)
+        assert all(r["checkpoint_block_s"] >= 0 for r in run.train)

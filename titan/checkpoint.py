@@ -112,7 +112,8 @@ class Checkpointer:
         if cfg.async_mode is not AsyncMode.off and dist.is_initialized():
             # Async saves run their collectives on a side group so they never interleave with training's.
             self.async_pg = dist.new_group(backend="gloo")
-        self.last_save_s = 0.0
+        self.last_save_s = 0.0  # start of a save to its completion
+        self.blocked_s = 0.0  # how long training waited on saves since the last `take_blocked`
 
     # -- resume ---------------------------------------------------------------------------
     def resume_path(self) -> Optional[Path]:
@@ -130,6 +131,18 @@ class Checkpointer:
         return step % self.cfg.interval == 0 or (step == last_step and self.cfg.save_final)
 
     def save(self, state: dict[str, Any], step: int, wait: bool = False) -> None:
+        start = time.perf_counter()
+        try:
+            self._save(state, step, wait)
+        finally:
+            self.blocked_s += time.perf_counter() - start
+
+    def take_blocked(self) -> float:
+        """Seconds training spent blocked in saves since the last call (for metrics)."""
+        blocked, self.blocked_s = self.blocked_s, 0.0
+        return blocked
+
+    def _save(self, state: dict[str, Any], step: int, wait: bool) -> None:
         self.wait()  # never two saves in flight
         path = step_dir(self.root, step)
         if _is_writer():

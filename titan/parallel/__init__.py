@@ -7,23 +7,27 @@ Order on one rank (after the process group exists):
   parallelize(model, mesh, cfg.parallel, cfg.precision, before_data_parallel=[AC, compile])
       = TP -> before_data_parallel callables -> FSDP / HSDP / DDP
   materialize_and_init(model, device, seed)      # same weights as one process
+With pp > 1 the model is first cut into pipeline stages (`titan.parallel.pipeline`) and each
+stage goes through `parallelize` on its own (`Parallel.build_pipeline`).
 `Parallel` (from `build_parallel`) bundles these with the per-step helpers the trainer needs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from titan.config.errors import ConfigError
-from titan.config.schema import ParallelConfig, PrecisionConfig
+from titan.config.schema import ParallelConfig, PrecisionConfig, ReshardAfterForward
 from titan.parallel.context_parallel import apply_cp
 from titan.parallel.fsdp import apply_ddp, apply_fsdp
 from titan.parallel.grad import all_reduce_mean, all_reduce_sum, clip_grad_norm_, plain, total_grad_norm
 from titan.parallel.init import materialize_and_init
+from titan.parallel.pipeline import Pipeline, build_pipeline, split_stages
 from titan.parallel.mesh import DIMS, ParallelMesh, build_mesh, dim_size, dp_rank_and_world, group_of, resolve_degrees, validate_layout
 from titan.parallel.tp import apply_tp, enable_async_tp, loss_parallel_context
 
@@ -45,9 +49,12 @@ def parallelize(
     """Apply TP, then `before_data_parallel` (activation checkpointing, compile: they must wrap
     the TP'd blocks and be wrapped by FSDP), then FSDP/HSDP (dp_shard x cp > 1) or DDP
     (dp_replicate > 1 only). `mesh` None: one process, only the transforms run.
-    A transform may return a new module or None (changed in place)."""
-    if _degree(mesh, "pp") > 1:
-        raise ConfigError("parallel.pp", "pp > 1 is not wired into titan.parallel.parallelize yet")
+    A transform may return a new module or None (changed in place).
+    With pp > 1, `model` is one pipeline stage (see `Parallel.build_pipeline`); FSDP's
+    `default` resharding then keeps the stage's parameters gathered from forward to backward:
+    every microbatch would otherwise all-gather them again, and a stage holds 1/pp of them."""
+    if _degree(mesh, "pp") > 1 and parallel_cfg.reshard_after_forward is ReshardAfterForward.default:
+        parallel_cfg = dataclasses.replace(parallel_cfg, reshard_after_forward=ReshardAfterForward.never)
     if _degree(mesh, "cp") > 1:  # attention over the sequence shards; FSDP then shards over dp x cp
         cp_mesh = mesh["cp"]
         apply_cp(model, cp_mesh.get_group(), cp_mesh.get_local_rank(), cp_mesh.size(), parallel_cfg.cp_mode.value)
@@ -90,12 +97,56 @@ class Parallel:
         self.device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
         self.cp_size = d["cp"]
         self.cp_rank = self.mesh["cp"].get_local_rank() if self.cp_size > 1 else 0
+        self.pp_enabled = d["pp"] > 1
         self.pp_group = group_of(self.mesh, "pp")
+        self.pp_rank = self.mesh["pp"].get_local_rank() if self.pp_enabled else 0
 
     def apply(self, model: nn.Module, precision: Any = None, before_data_parallel: Sequence[ModelTransform] = ()) -> nn.Module:
         """See `parallelize`. `precision` is accepted for the trainer's call but unused: FSDP's
         dtypes come from the PrecisionConfig given at construction."""
         return parallelize(model, self.mesh, self.cfg, self.precision_cfg, before_data_parallel)
+
+    def build_pipeline(
+        self,
+        model: Union[nn.Module, Callable[[], nn.Module]],
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        microbatch_size: int,
+        local_batch: int,
+        seq_len: int,
+        before_data_parallel: Sequence[ModelTransform] = (),
+        context: Callable = None,
+    ) -> Pipeline:
+        """This rank's pipeline stages, each parallelised like a whole model (`apply`), and the
+        configured schedule. `loss_fn` is the trainer's (token-summed CE / tokens_per_rank);
+        `local_batch` the sequences per optimizer step on this rank; `seq_len` the full
+        sequence length (under cp, feed the pipeline `cp_inputs`' local slices); `context` wraps each schedule step (loss parallel, autocast; default
+        `loss_context`). Materialise each of `.model_parts` afterwards."""
+        if not self.pp_enabled:
+            raise ConfigError("parallel.pp", "build_pipeline needs pp > 1")
+        hidden_dtype = torch.float32
+        if self.fsdp_enabled:  # FSDP casts parameters, so the residual stream is in param_dtype
+            from titan.parallel.fsdp import torch_dtype
+
+            hidden_dtype = torch_dtype(self.precision_cfg.param_dtype)
+        positions = None
+        if self.cp_size > 1:  # every microbatch holds the same load-balanced slice of positions
+            from titan.parallel.context_parallel import cp_positions
+
+            positions = cp_positions(seq_len, self.cp_rank, self.cp_size, device=self.device)
+        return build_pipeline(
+            model,
+            self.mesh,
+            self.cfg,
+            loss_fn,
+            microbatch_size,
+            seq_len // self.cp_size,
+            self.device,
+            lambda stage: self.apply(stage, before_data_parallel=before_data_parallel),
+            local_batch=local_batch,
+            hidden_dtype=hidden_dtype,
+            loss_context=context or self.loss_context,
+            positions=positions,
+        )
 
     def materialize_and_init(self, model: nn.Module, device: torch.device, seed: int) -> None:
         materialize_and_init(model, device, seed)
@@ -104,16 +155,34 @@ class Parallel:
         """Wrap the loss computation *and* backward in this."""
         return loss_parallel_context(self.loss_parallel)
 
-    def clip_grad_norm(self, params: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
-        return clip_grad_norm_(params, max_norm, pp_group=self.pp_group)
+    def clip_grad_norm(self, params: Iterable[Union[torch.Tensor, nn.Module]], max_norm: float) -> torch.Tensor:
+        """Clip to the whole model's gradient norm. `params`: parameters, or modules (e.g. a
+        pipeline's `model_parts`) whose parameters are taken; under pp the norm combines
+        every stage's."""
+        flat = [q for p in params for q in (p.parameters() if isinstance(p, nn.Module) else (p,))]
+        return clip_grad_norm_(flat, max_norm, pp_group=self.pp_group)
 
     def plain_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """Detached plain tensor of a loss (under loss_parallel the loss is a DTensor)."""
         return plain(loss)
 
-    def mean_over_dp(self, value: torch.Tensor) -> float:
-        """Mean of a per-rank metric over the data (+context) parallel ranks, as a float."""
+    def mean_over_dp(self, value: Optional[torch.Tensor]) -> float:
+        """Mean of a per-rank metric over the data (+context) parallel ranks, as a float, the
+        same on every rank. Under pp, ranks without the value pass None (a pipeline's loss
+        lives on the last stage only): each pp group first takes the mean of the values its
+        ranks hold, so the result is the global loss on every rank, rank 0 included."""
+        if self.pp_enabled:
+            value = self._mean_over_pp_holders(value)
         return float(all_reduce_mean(value, self.dp_cp_group))
+
+    def _mean_over_pp_holders(self, value: Optional[torch.Tensor]) -> torch.Tensor:
+        both = torch.zeros(2, device=self.device)
+        if value is not None:
+            both[0], both[1] = plain(value).float().to(self.device), 1.0
+        torch.distributed.all_reduce(both, group=self.pp_group)
+        if both[1] == 0:
+            raise RuntimeError("mean_over_dp: no pipeline rank held a value")
+        return both[0] / both[1]
 
 
 def build_parallel(cfg, env) -> Parallel:
@@ -124,6 +193,7 @@ def build_parallel(cfg, env) -> Parallel:
 __all__ = [
     "DIMS",
     "Parallel",
+    "Pipeline",
     "ParallelMesh",
     "all_reduce_mean",
     "all_reduce_sum",
@@ -132,6 +202,7 @@ __all__ = [
     "apply_tp",
     "build_mesh",
     "build_parallel",
+    "build_pipeline",
     "clip_grad_norm_",
     "dp_rank_and_world",
     "enable_async_tp",
@@ -141,6 +212,7 @@ __all__ = [
     "parallelize",
     "plain",
     "resolve_degrees",
+    "split_stages",
     "total_grad_norm",
     "validate_layout",
 ]

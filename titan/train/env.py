@@ -9,7 +9,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from titan.config.schema import Device, TrainConfig
+from titan.config.schema import AsyncMode, Device, TrainConfig
 from titan.profiling import enable_flight_recorder
 
 
@@ -78,6 +78,11 @@ def setup_rank(cfg: TrainConfig) -> RankEnv:
             timeout=timedelta(seconds=cfg.parallel.timeout_s),
             device_id=device if device_type == "cuda" else None,
         )
+    elif world == 1 and cfg.checkpoint.async_mode is AsyncMode.process and not dist.is_initialized():
+        # DCP's process-mode async save talks to its saver process through a process group.
+        from titan.train.launch import free_port
+
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     if cfg.training.deterministic:
         torch.use_deterministic_algorithms(True)
     return RankEnv(rank, world, local_rank, device)

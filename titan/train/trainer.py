@@ -119,6 +119,7 @@ class Trainer:
                 record = {"step": state.step, "loss": loss, "grad_norm": grad_norm, "lr": self.c.scheduler.get_last_lr()[0]}
                 record.update(self.throughput.measure())
                 record.update(
+                    checkpoint_block_s=self.checkpointer.take_blocked(),
                     memory_gib=peak_memory_gib(self.env.device),
                     tokens_seen=state.step * self.tokens_per_step,
                     elapsed_s=time.perf_counter() - started,
