@@ -4,10 +4,11 @@ every parallel layout can be compared step by step with the single-process refer
 `run_reference()` runs in the calling process; `run_world(world, layouts)` spawns `world`
 ranks that run each layout in turn (one world, reused) and returns rank 0's results.
 Layouts are `conf/parallel/<preset>.yaml` names, optionally with field overrides; a layout
-with pp > 1 trains through `Parallel.build_pipeline` (override `microbatch_size`, default 1,
-sets the pipeline's microbatch size); the override `float8` ("tensorwise" or "tensorwise_fsdp_all_gather") converts the block linears
-with torchao first, `model` (a dict) changes LlamaArgs fields; compare with
-`run_reference(float8, model)`.
+with pp > 1 trains through `Parallel.build_pipeline` (overrides `micro_batch_size`: rows
+per `Pipeline.step`, default the rank's whole slice; `checkpoint_dir`: DCP-save the final
+model there); the override `float8` ("tensorwise" or "tensorwise_fsdp_all_gather")
+converts the block linears with torchao first, `model` (a dict) changes LlamaArgs fields;
+compare with `run_reference(float8, model)`.
 """
 
 from __future__ import annotations
@@ -110,13 +111,15 @@ def gathered_full_state(module: torch.nn.Module, par: Parallel) -> dict[str, tor
     return {k: v for part in parts for k, v in part.items()}
 
 
-def train_pipeline(par: Parallel, model: torch.nn.Module, microbatch_size: int) -> dict:
-    """`train` through a pipeline: one `Pipeline.step` per optimizer step over this rank's
-    whole slice of the global batch, then clipping over all stages and the loss reduced from
-    the last stage (as the trainer does under pp)."""
+def train_pipeline(par: Parallel, model: torch.nn.Module, micro_batch_size: Optional[int] = None, checkpoint_dir: Optional[str] = None) -> dict:
+    """`train` through a pipeline, as the trainer does under pp: one `Pipeline.step` per
+    micro-batch of `micro_batch_size` rows (default: this rank's whole slice, no gradient
+    accumulation), clipping over all stages, the loss reduced from the last stage.
+    `checkpoint_dir`: save the final model there with DCP (full-model names)."""
     per_rank = GLOBAL_BATCH // par.dp_world
+    micro = micro_batch_size or per_rank
     tokens_per_rank = GLOBAL_BATCH * SEQ // par.loss_divisor
-    pipe = par.build_pipeline(model, summed_ce(tokens_per_rank), microbatch_size, per_rank, SEQ)
+    pipe = par.build_pipeline(model, summed_ce(tokens_per_rank), micro, SEQ)
     for part in pipe.model_parts:
         par.materialize_and_init(part, torch.device("cpu"), SEED)
     init = gathered_full_state(pipe.rank_model, par)
@@ -124,15 +127,25 @@ def train_pipeline(par: Parallel, model: torch.nn.Module, microbatch_size: int) 
     losses, norms = [], []
     for batch in batches():
         rows = batch[par.dp_rank * per_rank : (par.dp_rank + 1) * per_rank]
-        inputs, labels, _ = par_local(par, rows)
-        loss = pipe.step(inputs, labels)
+        total = None
+        for start in range(0, per_rank, micro):
+            inputs, labels, _ = par_local(par, rows[start : start + micro])
+            loss = pipe.step(inputs, labels)
+            total = loss if total is None else total + loss
         norms.append(float(par.clip_grad_norm(pipe.model_parts, MAX_NORM)))
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(par.mean_over_dp(loss))
+        losses.append(par.mean_over_dp(total))
     rows = eval_batch()[par.dp_rank * per_rank : (par.dp_rank + 1) * per_rank]
     inputs, labels, _ = par_local(par, rows)
     eval_loss = par.mean_over_dp(pipe.eval_loss(inputs, labels))
+    if checkpoint_dir:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        # As TrainState saves: the rank's merged view stands for its model.
+        state = {"model": get_model_state_dict(pipe.rank_model), "optim": get_optimizer_state_dict(pipe.rank_model, opt)}
+        dcp.save(state, checkpoint_id=checkpoint_dir)
     return {
         "init": init,
         "losses": losses,
@@ -141,6 +154,7 @@ def train_pipeline(par: Parallel, model: torch.nn.Module, microbatch_size: int) 
         "final": gathered_full_state(pipe.rank_model, par),
         "stage_keys": sorted(pipe.rank_model.state_dict().keys()),
         "n_microbatches": pipe.n_microbatches,
+        "has_first_last": (pipe.has_first, pipe.has_last),
     }
 
 
@@ -170,10 +184,11 @@ def run_reference(float8: Optional[str] = None, model_fields: Optional[dict] = N
 def _run_layout(preset: str, overrides: dict, world: int) -> dict:
     overrides = dict(overrides)
     float8, model_fields = overrides.pop("float8", None), overrides.pop("model", None)
-    microbatch_size = overrides.pop("microbatch_size", 1)
+    micro_batch_size, checkpoint_dir = overrides.pop("micro_batch_size", None), overrides.pop("checkpoint_dir", None)
     par = Parallel(parallel_config(preset, **overrides), PrecisionConfig(), world_size=world, device_type="cpu")
     if par.pp_enabled:
-        return {**train_pipeline(par, build_model(float8, model_fields), microbatch_size), "degrees": par.degrees}
+        out = train_pipeline(par, build_model(float8, model_fields), micro_batch_size, checkpoint_dir)
+        return {**out, "degrees": par.degrees}
     model = par.apply(build_model(float8, model_fields))
     par.materialize_and_init(model, torch.device("cpu"), SEED)
     init = full_state(model)

@@ -53,8 +53,11 @@ def parallelize(
     With pp > 1, `model` is one pipeline stage (see `Parallel.build_pipeline`); FSDP's
     `default` resharding then keeps the stage's parameters gathered from forward to backward:
     every microbatch would otherwise all-gather them again, and a stage holds 1/pp of them."""
-    if _degree(mesh, "pp") > 1 and parallel_cfg.reshard_after_forward is ReshardAfterForward.default:
-        parallel_cfg = dataclasses.replace(parallel_cfg, reshard_after_forward=ReshardAfterForward.never)
+    if _degree(mesh, "pp") > 1:
+        if getattr(model, "tok_embeddings", None) is not None and getattr(model, "output", None) is not None:
+            raise ConfigError("parallel.pp", "pp > 1: build the model through Parallel.build_pipeline, which parallelises each stage")
+        if parallel_cfg.reshard_after_forward is ReshardAfterForward.default:
+            parallel_cfg = dataclasses.replace(parallel_cfg, reshard_after_forward=ReshardAfterForward.never)
     if _degree(mesh, "cp") > 1:  # attention over the sequence shards; FSDP then shards over dp x cp
         cp_mesh = mesh["cp"]
         apply_cp(model, cp_mesh.get_group(), cp_mesh.get_local_rank(), cp_mesh.size(), parallel_cfg.cp_mode.value)
@@ -110,17 +113,18 @@ class Parallel:
         self,
         model: Union[nn.Module, Callable[[], nn.Module]],
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-        microbatch_size: int,
-        local_batch: int,
+        micro_batch_size: int,
         seq_len: int,
         before_data_parallel: Sequence[ModelTransform] = (),
-        context: Callable = None,
+        context: Optional[Callable] = None,
     ) -> Pipeline:
         """This rank's pipeline stages, each parallelised like a whole model (`apply`), and the
         configured schedule. `loss_fn` is the trainer's (token-summed CE / tokens_per_rank);
-        `local_batch` the sequences per optimizer step on this rank; `seq_len` the full
-        sequence length (under cp, feed the pipeline `cp_inputs`' local slices); `context` wraps each schedule step (loss parallel, autocast; default
-        `loss_context`). Materialise each of `.model_parts` afterwards."""
+        `micro_batch_size` the sequences per `Pipeline.step` (training.micro_batch_size);
+        `seq_len` the full sequence length (under cp, feed the pipeline `cp_inputs`' local
+        slices: the positions are passed to the stages here); `context` wraps each schedule
+        step (loss parallel, autocast; default `loss_context`). Materialise each of
+        `.model_parts` afterwards."""
         if not self.pp_enabled:
             raise ConfigError("parallel.pp", "build_pipeline needs pp > 1")
         hidden_dtype = torch.float32
@@ -138,11 +142,10 @@ class Parallel:
             self.mesh,
             self.cfg,
             loss_fn,
-            microbatch_size,
+            micro_batch_size,
             seq_len // self.cp_size,
             self.device,
             lambda stage: self.apply(stage, before_data_parallel=before_data_parallel),
-            local_batch=local_batch,
             hidden_dtype=hidden_dtype,
             loss_context=context or self.loss_context,
             positions=positions,

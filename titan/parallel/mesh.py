@@ -107,12 +107,10 @@ def validate_layout(cfg, world_size: int) -> None:
         if compile_mode == "off":
             raise ConfigError("parallel.async_tp", "async TP is a torch.compile pass; set compile.mode=block or model")
     validate_cp(t.seq_len, cp)  # load balancing splits the sequence into 2 x cp chunks
-    if pp > 1 and m.n_layers < pp * p.pp_virtual_stages:
-        raise ConfigError(
-            "parallel.pp",
-            f"{pp} stages x {p.pp_virtual_stages} virtual stages need at least that many layers, "
-            f"the model has {m.n_layers}",
-        )
+    if pp > 1:  # schedule vs. stages per rank, layer split, microbatch count, untied embedding
+        from titan.parallel.pipeline import validate_pipeline
+
+        validate_pipeline(cfg, pp, dp)
     if t.global_batch_size % (dp * t.micro_batch_size):
         raise ConfigError(
             "training.global_batch_size",

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 from dataclasses import dataclass, field
 from typing import Callable, ContextManager, Optional, Union
 
@@ -56,7 +55,8 @@ def _schedule_class(name: PipelineSchedule):
 # Pure planning: stage counts, layer split, placement, microbatches (no process group)
 # ---------------------------------------------------------------------------------------------
 def stages_per_rank(schedule: PipelineSchedule, virtual_stages: int) -> int:
-    """Stages each pp rank holds under `schedule`; raises ConfigError for a mismatch."""
+    """Stages each pp rank holds under `schedule` (2 for the V schedules, as the planner
+    assumes, whether pp_virtual_stages says 1 or 2); raises ConfigError for a mismatch."""
     schedule = PipelineSchedule(schedule)
     if virtual_stages < 1:
         raise ConfigError("parallel.pp_virtual_stages", f"{virtual_stages} is not a stage count; use 1 or more")
@@ -66,10 +66,12 @@ def stages_per_rank(schedule: PipelineSchedule, virtual_stages: int) -> int:
             f"{schedule.value} runs one stage per rank, got {virtual_stages}; set it to 1 or pick a "
             "multi-stage schedule (Interleaved1F1B, LoopedBFS, InterleavedZeroBubble)",
         )
-    if schedule in V_SHAPED and virtual_stages != 2:
-        raise ConfigError(
-            "parallel.pp_virtual_stages", f"{schedule.value} needs exactly 2 stages per rank (V shape), got {virtual_stages}; set it to 2"
-        )
+    if schedule in V_SHAPED:  # always two stages per rank; the default 1 is taken to mean that
+        if virtual_stages not in (1, 2):
+            raise ConfigError(
+                "parallel.pp_virtual_stages", f"{schedule.value} runs exactly 2 stages per rank (V shape), got {virtual_stages}; set it to 2"
+            )
+        return 2
     return virtual_stages
 
 
@@ -118,43 +120,42 @@ def rank_stages(pp_rank: int, pp: int, n_stages: int, v_shaped: bool) -> list[in
     return [s for s in range(n_stages) if stage_to_rank(s, pp, v_shaped) == pp_rank]
 
 
-def resolve_microbatches(parallel_cfg: ParallelConfig, local_batch: int, microbatch_size: int) -> tuple[int, int]:
-    """(n_microbatches, microbatch_size) for one optimizer step of `local_batch` sequences.
-
-    pp_microbatches=-1: microbatches of `microbatch_size` (the trainer's micro_batch_size, so
-    the pipeline runs what gradient accumulation would). Otherwise the given count, whose size
-    is local_batch / count. Checked against what the schedule needs."""
-    pp, schedule = parallel_cfg.pp, PipelineSchedule(parallel_cfg.pp_schedule)
+def resolve_microbatches(parallel_cfg: ParallelConfig, micro_batch_size: int, pp: Optional[int] = None) -> tuple[int, int]:
+    """(n_microbatches, rows per pipeline microbatch) for one `Pipeline.step` call, which takes
+    one trainer micro-batch of `micro_batch_size` sequences (gradient accumulation, if any,
+    calls `step` once per micro-batch). pp_microbatches=-1: one microbatch per stage.
+    Raises ConfigError when the count does not fit the batch or the schedule."""
+    pp = parallel_cfg.pp if pp is None else pp
+    schedule = PipelineSchedule(parallel_cfg.pp_schedule)
     n_stages = pp * stages_per_rank(schedule, parallel_cfg.pp_virtual_stages)
-    if parallel_cfg.pp_microbatches == -1:
-        if microbatch_size < 1 or local_batch % microbatch_size:
-            raise ConfigError(
-                "training.micro_batch_size", f"{microbatch_size} does not divide this rank's {local_batch} sequences per step"
-            )
-        n = local_batch // microbatch_size
-    else:
-        n = parallel_cfg.pp_microbatches
-        if n < 1 or local_batch % n:
-            raise ConfigError(
-                "parallel.pp_microbatches",
-                f"{n} does not divide this rank's {local_batch} sequences per step (global_batch_size / dp); "
-                "pick a divisor or -1 (one per training.micro_batch_size)",
-            )
-        microbatch_size = local_batch // n
+    n = parallel_cfg.pp_microbatches if parallel_cfg.pp_microbatches != -1 else n_stages
+    if n < 1 or micro_batch_size % n:
+        raise ConfigError(
+            "parallel.pp_microbatches",
+            f"{n} pipeline microbatches do not split training.micro_batch_size={micro_batch_size} "
+            f"(sequences per forward per data-parallel rank); use a divisor of it, or raise the batch",
+        )
     needed = {S.OneFOneB: pp, S.DualPipeV: n_stages}.get(schedule, 1)
     if n < needed:
         raise ConfigError(
             "parallel.pp_microbatches",
-            f"{schedule.value} with {n_stages} stages needs at least {needed} microbatches per step, got {n} "
-            "(local batch / micro_batch_size); raise global_batch_size or lower micro_batch_size",
+            f"{schedule.value} with {n_stages} stages needs at least {needed} microbatches per step, got {n}",
         )
-    if schedule in (S.Interleaved1F1B, S.InterleavedZeroBubble):
-        rounds = max(1, n // pp)
-        if n % rounds:
-            raise ConfigError(
-                "parallel.pp_microbatches", f"{schedule.value} needs the microbatch count ({n}) to be a multiple of pp={pp} or below it"
-            )
-    return n, microbatch_size
+    if schedule in (S.Interleaved1F1B, S.InterleavedZeroBubble) and n % max(1, n // pp):
+        raise ConfigError("parallel.pp_microbatches", f"{schedule.value} needs a microbatch count ({n}) that is a multiple of pp={pp}, or below it")
+    return n, micro_batch_size // n
+
+
+def validate_pipeline(cfg, pp: int, dp: int) -> None:
+    """Pipeline checks of `titan.parallel.mesh.validate_layout` (pure, fast): schedule vs.
+    virtual stages, layer split, microbatch count, no tied embedding."""
+    p, m, t = cfg.parallel, cfg.model, cfg.training
+    v = stages_per_rank(p.pp_schedule, p.pp_virtual_stages)
+    split_stages(m.n_layers, pp, v, p.pp_layers_per_stage)
+    if m.tie_embeddings:
+        raise ConfigError("model.tie_embeddings", "a tied embedding/output cannot be split over pipeline stages; set it to false with pp > 1")
+    micro = t.micro_batch_size if t.micro_batch_size > 0 else t.global_batch_size // dp
+    resolve_microbatches(p, micro, pp)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,16 +254,17 @@ class Pipeline:
         return stage_to_rank(self.n_stages - 1, self.pp, self.v_shaped)
 
     def step(self, inputs: Optional[torch.Tensor], labels: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """Forward + backward over the local batch (n_microbatches x microbatch_size rows);
-        gradients accumulate in the stage parameters. Returns the summed microbatch loss (the
-        non-PP step's loss) on the rank holding the last stage, None elsewhere."""
+        """Forward + backward over one trainer micro-batch (n_microbatches x microbatch_size
+        rows); gradients accumulate in the stage parameters (FSDP reduces them at the end of
+        each call). Returns the summed microbatch loss, i.e. the loss the non-PP trainer
+        computes for this micro-batch, on the rank holding the last stage; None elsewhere."""
         args = (inputs,) if self.has_first else ()
         losses: Optional[list] = [] if self.has_last else None
         with self.loss_context():
             self.schedule.step(*args, target=labels if self.has_last else None, losses=losses, return_outputs=False)
         if losses is None:
             return None
-        return torch.stack([loss.detach() for loss in losses]).sum()
+        return torch.stack([_plain(loss.detach()) for loss in losses]).sum()
 
     @torch.no_grad()
     def eval_loss(self, inputs: Optional[torch.Tensor], labels: Optional[torch.Tensor]) -> torch.Tensor:
@@ -275,14 +277,17 @@ class Pipeline:
         device = self.stages[0].device
         total = torch.zeros((), device=device, dtype=torch.float32)
         n = self._batch_rows(inputs, labels)
-        for start in range(0, n, self.microbatch_size):
-            rows = slice(start, start + self.microbatch_size)
-            out = self._forward_microbatch(inputs[rows] if self.has_first else None)
-            if self.has_last:
-                with self.loss_context():
+        if n % self.microbatch_size:
+            raise ValueError(f"eval batch of {n} rows is not a multiple of the pipeline microbatch ({self.microbatch_size})")
+        with self.loss_context():
+            for start in range(0, n, self.microbatch_size):
+                rows = slice(start, start + self.microbatch_size)
+                out = self._forward_microbatch(inputs[rows] if self.has_first else None)
+                if self.has_last:
                     total += _plain(loss_fn(out, labels[rows])).float()
-        total /= max(1, math.ceil(n / self.microbatch_size))
+        total /= max(1, n // self.microbatch_size)
         dist.broadcast(total, group=self.pp_group, group_src=self.last_stage_rank)
+        _reshard(self.model_parts)
         return total
 
     def _batch_rows(self, inputs, labels) -> int:
@@ -302,7 +307,7 @@ class Pipeline:
             prev = stage_to_rank(idx - 1, self.pp, self.v_shaped) if idx > 0 else owner
             if idx > 0 and owner != prev:  # activation crosses ranks
                 if self.pp_rank == prev:
-                    dist.send(_plain(h).contiguous(), group=self.pp_group, group_dst=owner)
+                    dist.send(_local(h).contiguous(), group=self.pp_group, group_dst=owner)
                 elif self.pp_rank == owner:
                     h = torch.empty(self.hidden_shape, device=self.stages[0].device, dtype=self.hidden_dtype)
                     dist.recv(h, group=self.pp_group, group_src=prev)
@@ -312,9 +317,28 @@ class Pipeline:
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:
+    """A loss as a plain tensor (under loss parallel it is a replicated DTensor)."""
     from torch.distributed.tensor import DTensor
 
     return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of an activation: what the schedules send between stages."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _reshard(parts: list[nn.Module]) -> None:
+    """Free FSDP's gathered parameters after a forward-only pass: with no backward to follow,
+    modules that keep them after forward (`reshard_after_forward` never) would hold them."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for part in parts:
+        for module in part.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
 
 
 def _token_mean_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -326,11 +350,10 @@ def build_pipeline(
     parallel_mesh,
     parallel_cfg: ParallelConfig,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    microbatch_size: int,
+    micro_batch_size: int,
     seq_len: int,
     device: torch.device,
     apply_parallel: Callable[[nn.Module], Optional[nn.Module]],
-    local_batch: Optional[int] = None,
     hidden_dtype: torch.dtype = torch.float32,
     loss_context: Callable[[], ContextManager] = contextlib.nullcontext,
     eval_loss_fn: Optional[Callable] = None,
@@ -339,11 +362,11 @@ def build_pipeline(
     """This rank's stages (pruned from `model`, a meta Llama3 or a factory of them, then
     `apply_parallel`: TP / AC / compile / FSDP per stage) and the configured schedule.
 
-    `local_batch`: sequences per optimizer step on this rank (global_batch_size / dp); with
-    `microbatch_size` and `parallel_cfg.pp_microbatches` it fixes the microbatch count (see
-    `resolve_microbatches`); None: pp_microbatches x microbatch_size, or one microbatch per
-    stage. `seq_len` is the local sequence length (after context-parallel sharding), used for
-    the static stage shapes, as is `hidden_dtype` (the dtype of the residual stream).
+    `micro_batch_size`: sequences per `step` call (the trainer's micro-batch), split into
+    `parallel_cfg.pp_microbatches` pipeline microbatches (see `resolve_microbatches`).
+    `seq_len` is the local sequence length (after context-parallel sharding), used for the
+    static stage shapes, as is `hidden_dtype` (the dtype of the residual stream).
+    `loss_context` wraps every schedule step and eval pass (loss parallel, autocast).
     `positions`: the RoPE positions of the local tokens under context parallelism (the same
     for every microbatch), given to every stage's forward. Parameters stay where `model` put
     them (meta): materialise each of `.model_parts` next."""
@@ -354,10 +377,7 @@ def build_pipeline(
     pp, pp_rank, pp_group = pp_mesh.size(), pp_mesh.get_local_rank(), pp_mesh.get_group()
     v = stages_per_rank(schedule_name, parallel_cfg.pp_virtual_stages)
     n_stages = pp * v
-    if local_batch is None:
-        n_default = parallel_cfg.pp_microbatches if parallel_cfg.pp_microbatches > 0 else n_stages
-        local_batch = n_default * microbatch_size
-    n_micro, mb = resolve_microbatches(parallel_cfg, local_batch, microbatch_size)
+    n_micro, mb = resolve_microbatches(parallel_cfg, micro_batch_size, pp)
 
     v_shaped = schedule_name in V_SHAPED
     my_stages = rank_stages(pp_rank, pp, n_stages, v_shaped)
