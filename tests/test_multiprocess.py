@@ -25,7 +25,7 @@ def assert_close(a: list[float], b: list[float], rtol: float = 1e-5) -> None:
         assert abs(x - y) <= rtol * abs(y), (a, b)
 
 
-@pytest.mark.parametrize("layout", ["fsdp", "tp", "cp"])
+@pytest.mark.parametrize("layout", ["fsdp", "tp", "cp", "pp"])
 def test_two_processes_match_single(single, tmp_path, layout):
     run = run_titan(tmp_path / "r", *STEPS, f"parallel={layout}").check()
     assert_close(run.losses, single.losses)
@@ -34,11 +34,11 @@ def test_two_processes_match_single(single, tmp_path, layout):
 
 
 def test_resume_under_another_layout(single, tmp_path):
-    """Saved with fsdp on 4 ranks, resumed with fsdp_tp (2x2) on 4 and with single on 1."""
+    """Saved with fsdp on 4 ranks; resumed with fsdp_tp (2x2) on 4, pp on 2 and single on 1."""
     common = [*STEPS, "checkpoint.interval=3", "checkpoint.keep_last_k=0"]
     fsdp4 = run_titan(tmp_path / "fsdp4", *common, "parallel=fsdp", "parallel.nproc_per_node=4").check()
     assert_close(fsdp4.losses, single.losses)
-    for layout in (["parallel=fsdp_tp"], ["parallel=single"]):
+    for layout in (["parallel=fsdp_tp"], ["parallel=pp"], ["parallel=single"]):
         resumed_dir = tmp_path / layout[0].split("=")[1]
         shutil.copytree(fsdp4.run_dir, resumed_dir)
         shutil.rmtree(resumed_dir / "checkpoints" / "step-00000006")

@@ -101,7 +101,8 @@ class ParallelConfig:
     # Context parallel: K/V all-gathered per layer (fast) or passed around a ring (less memory).
     cp_mode: CPMode = CPMode.allgather
     # Pipeline parallel
-    pp_schedule: PipelineSchedule = PipelineSchedule.OneFOneB
+    # A PipelineSchedule value (a string: "1F1B" is no Python name, and OmegaConf matches enums by name).
+    pp_schedule: str = PipelineSchedule.OneFOneB.value
     pp_microbatches: int = -1  # -1: one per stage... resolved as max(pp stages, 1)
     pp_virtual_stages: int = 1  # stages per rank (2+ for interleaved / V schedules)
     pp_layers_per_stage: Optional[list[int]] = None  # explicit split; None: even split

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from titan.config.errors import ConfigError
-from titan.config.schema import DataSource, TokenizerKind, TrainConfig
+from titan.config.schema import DataSource, PipelineSchedule, TokenizerKind, TrainConfig
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -71,10 +71,23 @@ def validate_data(cfg: TrainConfig) -> None:
         _require(tok.vocab_size >= 512, "tokenizer.vocab_size", "must be >= 512 (256 byte pieces, specials and merges)")
 
 
+def validate_parallel_names(cfg: TrainConfig) -> None:
+    names = [s.value for s in PipelineSchedule]
+    _require(cfg.parallel.pp_schedule in names, "parallel.pp_schedule", f"{cfg.parallel.pp_schedule!r} is not one of {', '.join(names)}")
+
+
 def validate_checkpoint(cfg: TrainConfig) -> None:
     c = cfg.checkpoint
     _require(c.interval >= 0, "checkpoint.interval", "must be >= 0 (0 disables saving)")
     _require(c.keep_last_k >= 0, "checkpoint.keep_last_k", "must be >= 0 (0 keeps all)")
+    if cfg.parallel.pp > 1:  # each pipeline rank holds only its stages' weights
+        for key, on in (("export_hf", c.export_hf), ("create_seed", c.create_seed), ("initial_load", c.initial_load)):
+            _require(
+                not on,
+                f"checkpoint.{key}",
+                "needs the whole model on one rank, which pipeline parallelism does not have; run it with "
+                "parallel.pp=1, or convert the run's checkpoint offline with python -m titan.tools.convert",
+            )
     if c.resume not in ("auto", "none"):
         _require(Path(c.resume).is_dir(), "checkpoint.resume", f"no checkpoint directory at {c.resume}; use auto, none or a path")
 
@@ -104,6 +117,7 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
     validate_optim(cfg)
     validate_data(cfg)
     validate_checkpoint(cfg)
+    validate_parallel_names(cfg)
     from titan.parallel.mesh import validate_layout
     from titan.precision import validate_precision
 

@@ -11,6 +11,10 @@ Stages are placed on pp ranks in "loop" order (stage s on rank s % pp) or, for t
 schedules, in "v" order (rank r holds stages r and 2*pp-1-r, so rank 0 holds the first and
 the last stage).
 
+One `Pipeline.step` runs one trainer micro-batch (training.micro_batch_size sequences), cut
+into `pp_microbatches` pipeline microbatches (-1: one per stage); gradient accumulation, if
+any, calls it once per micro-batch, as the non-PP trainer calls forward/backward.
+
 Loss scaling: the trainer's loss is the token-*summed* CE divided by this rank's token count
 for the whole step, so the microbatch losses add up to the non-PP loss and their gradients
 add up to the non-PP gradient. Schedules are therefore built with `scale_grads=False` (torch's

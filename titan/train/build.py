@@ -7,10 +7,12 @@ tokenizer -> model on meta -> float8 -> TP -> activation checkpointing -> compil
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Iterator, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from titan.activation_checkpoint import apply_activation_checkpointing
@@ -42,7 +44,7 @@ class Components:
     flops_per_token: float
     accum_steps: int
     tokens_per_rank: int
-    extras: dict = field(default_factory=dict)
+    pipeline: Optional[Any] = None  # titan.parallel.pipeline.Pipeline when parallel.pp > 1
 
     @contextlib.contextmanager
     def forward_context(self):
@@ -84,15 +86,20 @@ def build_components(cfg: TrainConfig, env: RankEnv) -> Components:
     parallel = build_parallel(cfg, env)
     precision = build_precision(cfg, env.device.type, fsdp_enabled=parallel.fsdp_enabled)
     precision.convert(model)  # float8 linears, before TP so TP can use float8-aware plans
-    model = parallel.apply(
-        model,
-        precision,
-        before_data_parallel=[
-            lambda m: apply_activation_checkpointing(m, cfg.activation_checkpoint),
-            lambda m: apply_compile(m, cfg.compile),
-        ],
-    )
-    parallel.materialize_and_init(model, env.device, t.seed)
+    transforms = [
+        lambda m: apply_activation_checkpointing(m, cfg.activation_checkpoint),
+        lambda m: apply_compile(m, cfg.compile),
+    ]
+    tokens_per_rank = t.global_batch_size * t.seq_len // parallel.loss_divisor
+    pipeline = None
+    if parallel.pp_enabled:  # this rank's stages of the model, each parallelised like a model
+        pipeline = parallel.build_pipeline(model, partial(summed_ce, divisor=tokens_per_rank), t.micro_batch_size, t.seq_len, transforms)
+        for part in pipeline.model_parts:
+            parallel.materialize_and_init(part, env.device, t.seed)
+        model = pipeline.rank_model  # one module over the stages: optimizer, DCP, clipping
+    else:
+        model = parallel.apply(model, precision, before_data_parallel=transforms)
+        parallel.materialize_and_init(model, env.device, t.seed)
     model.train()
 
     optimizer = build_optimizer(model, cfg.optim, cfg.precision)
@@ -102,7 +109,7 @@ def build_components(cfg: TrainConfig, env: RankEnv) -> Components:
         cfg.data, tokenizer, t.seq_len, t.global_batch_size, t.micro_batch_size, dp_rank, dp_world, t.seed
     )
     accum_steps = t.global_batch_size // (t.micro_batch_size * dp_world)
-    return Components(
+    components = Components(
         model=model,
         args=args,
         tokenizer=tokenizer,
@@ -116,5 +123,16 @@ def build_components(cfg: TrainConfig, env: RankEnv) -> Components:
         n_params=n_params,
         flops_per_token=flops_per_token(args, n_params, t.seq_len),
         accum_steps=accum_steps,
-        tokens_per_rank=t.global_batch_size * t.seq_len // parallel.loss_divisor,
+        tokens_per_rank=tokens_per_rank,
+        pipeline=pipeline,
     )
+    if pipeline is not None:
+        pipeline.loss_context = components.forward_context  # loss parallel + autocast per schedule step
+    return components
+
+
+def summed_ce(logits: torch.Tensor, labels: torch.Tensor, divisor: int) -> torch.Tensor:
+    """Token-summed cross-entropy over this rank's share of the global batch, divided by the
+    tokens it holds. Every rank holds the same number of tokens, so the data-parallel gradient
+    average equals the gradient of the global-batch mean, whatever the layout."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum") / divisor

@@ -15,7 +15,7 @@ from titan.checkpoint import Checkpointer, load_state
 from titan.config.schema import NanCheck, TrainConfig
 from titan.metrics import MetricsLogger, Throughput, peak_flops, peak_memory_gib, reset_peak_memory
 from titan.profiling import NonFiniteLoss, StepProfiler
-from titan.train.build import Components, build_components
+from titan.train.build import Components, build_components, summed_ce
 from titan.train.env import RankEnv
 from titan.train.weights import export_hf, load_initial_weights, save_seed_checkpoint
 
@@ -45,18 +45,18 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------
     def loss_fn(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Token-summed cross-entropy over this rank's share of the global batch. Every rank holds
-        the same number of tokens, so the data-parallel gradient average then equals the
-        gradient of the global-batch mean, whatever the layout."""
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
-        return ce / self.c.tokens_per_rank
+        return summed_ce(logits, labels, self.c.tokens_per_rank)
 
     def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
         """One optimizer step over the global batch; returns the global mean loss and grad norm."""
-        model, opt = self.c.model, self.c.optimizer
+        model, opt, pipe = self.c.model, self.c.optimizer, self.c.pipeline
         total = torch.zeros((), device=self.env.device)
         for inputs, labels in batches:  # gradient accumulation over micro-batches
             inputs, labels, positions = self.c.local_inputs(inputs, labels)
+            if pipe is not None:  # the schedule runs forward and backward over the stages
+                loss = pipe.step(inputs, labels)  # on the last stage only; None elsewhere
+                total = None if loss is None else total + loss
+                continue
             with self.c.forward_context():
                 loss = self.loss_fn(model(inputs, positions=positions), labels)
                 loss.backward()
@@ -85,6 +85,10 @@ class Trainer:
         # on the layout (each micro-batch holds the same number of tokens).
         for inputs, labels in self.c.val_batches(self.cfg.training.val_batches * self.accum_steps):
             inputs, labels, positions = self.c.local_inputs(inputs, labels)
+            if self.c.pipeline is not None:  # forward stage by stage; the mean reaches every rank
+                total += self.c.pipeline.eval_loss(inputs, labels)
+                count += 1
+                continue
             with self.c.forward_context():
                 logits = self.c.model(inputs, positions=positions)
                 ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="mean")
