@@ -18,7 +18,7 @@ from titan.config.schema import TrainConfig
 log = logging.getLogger("titan")
 
 # Overrides that say where or how a run was launched, not what it trains.
-NOISE_PREFIXES = ("hydra.", "checkpoint.resume", "logging.", "parallel.launcher", "training.dry_run", "+sweeps", "sweeps")
+NOISE_PREFIXES = ("hydra.", "checkpoint.resume", "logging.", "logging=", "parallel.launcher", "training.dry_run", "+sweeps", "sweeps")
 STEP_AXIS = "trainer/step"
 
 
@@ -68,7 +68,8 @@ class WandbSink:
 
     def _save_state(self) -> None:
         tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"id": self.run.id, "last_step": self.last_step}))
+        state = {"id": self.run.id, "name": self.run.name, "group": self.run.group, "tags": list(self.run.tags), "last_step": self.last_step}
+        tmp.write_text(json.dumps(state))
         os.replace(tmp, self.state_path)
 
     def log(self, record: dict[str, Any]) -> None:

@@ -97,7 +97,8 @@ def init_generator(seed: int, group: str, device: torch.device | str = "cpu") ->
     Each group draws from its own stream, seeded from (seed, group name), so any subset of the
     model (one pipeline stage, one block materialised at a time for sharding) gets the same
     values as the whole model without replaying the RNG for the groups before it."""
-    group_seed = ((seed & 0xFFFFFFFF) << 32) | zlib.crc32(group.encode())
+    # 32 bits that depend on both: the CPU generator (mt19937) keeps only the low 32 bits of a seed.
+    group_seed = zlib.crc32(f"{seed}/{group}".encode())
     return torch.Generator(device=device).manual_seed(group_seed)
 
 
