@@ -50,14 +50,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
+import torch
+from hydra import compose, initialize_config_dir
 
-from titan.config.load import CONF_DIR, register_schemas, to_typed  # noqa: E402
-from titan.config.validate import validate  # noqa: E402
-from titan.metrics import GPU_PEAK_FLOPS, measure_cpu_peak_flops, peak_flops  # noqa: E402
-from titan.train.env import setup_rank  # noqa: E402
-from titan.train.trainer import Trainer  # noqa: E402
+from titan.config.load import CONF_DIR, register_schemas, to_typed
+from titan.config.validate import validate
+from titan.metrics import GPU_PEAK_FLOPS, measure_cpu_peak_flops, peak_flops
+from titan.train.env import setup_rank
+from titan.train.trainer import Trainer
 
 DEFAULT_GRID = ["precision=fp32,float8_tensorwise", "compile=off,model", "activation_checkpoint=none,full"]
 BASE = ["model=llama3_debug", "training.seq_len=256", "training.global_batch_size=8"]
@@ -189,7 +189,7 @@ def run_memory_pass(cells: list[list[str]], opts) -> list[dict]:
         cmd = [sys.executable, str(Path(__file__).resolve()), *opts.overrides]
         cmd += ["--memory-cell", str(i), "--memory-steps", str(opts.memory_steps), "--grid", *opts.grid]
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("MEMORY ")]
         if proc.returncode != 0 or not lines:
             print(f"  memory cell {i} ({cell_label(cell)}) failed (rc {proc.returncode}):\n{proc.stderr[-2000:]}", file=sys.stderr)
@@ -312,7 +312,8 @@ def main() -> None:
     for o in opts.overrides:
         if o.partition("=")[0].lstrip("+~") in grid_keys:
             raise SystemExit(f"{o!r} sets a grid key; put its values in --grid instead")
-    passthrough = merge_overrides(BASE, opts.overrides)
+    base = [o for o in BASE if o.partition("=")[0] not in grid_keys]  # a grid key replaces a default
+    passthrough = merge_overrides(base, opts.overrides)
 
     if opts.memory_cell is not None:
         print("MEMORY " + json.dumps(memory_cell(passthrough + cells[opts.memory_cell], opts.memory_steps)), flush=True)
