@@ -81,7 +81,7 @@ def plain(value: Any) -> Any:
 
 def cache_dir(sub: Optional[str] = None) -> Path:
     """Per-machine cache (tokenizers, measured CPU peak): $TITAN_CACHE_DIR or ~/.cache/titan."""
-    root = Path(os.environ.get("TITAN_CACHE_DIR") or Path.home() / ".cache" / "titan")
+    root = Path(os.environ.get("TITAN_CACHE_DIR") or Path.home() / ".cache" / "titan").expanduser()
     path = root / sub if sub else root
     path.mkdir(parents=True, exist_ok=True)
     return path

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from titan.config.errors import ConfigError
+from titan.config.load import cache_dir as titan_cache_dir
 from titan.config.schema import DataConfig, TokenizerConfig
 from titan.data.tokenizer import SentencePieceTokenizer
 
@@ -49,11 +50,8 @@ _TRAINER_OPTIONS = dict(
 
 
 def cache_dir(cfg: TokenizerConfig) -> Path:
-    if cfg.cache_dir:
-        return Path(cfg.cache_dir).expanduser()
-    root = os.environ.get("TITAN_CACHE_DIR")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "titan"
-    return base / "tokenizers"
+    """tokenizer.cache_dir, else titan's per-machine cache ($TITAN_CACHE_DIR or ~/.cache/titan)."""
+    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else titan_cache_dir("tokenizers")
 
 
 def _chunks(text: str, limit: int = CHUNK_CHARS) -> list[str]:
