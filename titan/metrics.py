@@ -128,7 +128,7 @@ def _console_line(record: dict[str, Any]) -> str:
 class MetricsLogger:
     """Console + metrics.jsonl always (rank 0); W&B or TensorBoard when configured."""
 
-    def __init__(self, cfg: TrainConfig, enabled: bool, resumed_step: int = 0):
+    def __init__(self, cfg: TrainConfig, enabled: bool):
         self.enabled = enabled
         self.backend = None
         if not enabled:
@@ -139,7 +139,7 @@ class MetricsLogger:
         if cfg.logging.backend is LogBackend.wandb:
             from titan.wandb_sink import WandbSink
 
-            self.backend = WandbSink(cfg, resumed_step)
+            self.backend = WandbSink(cfg)
         elif cfg.logging.backend is LogBackend.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

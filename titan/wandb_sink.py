@@ -35,7 +35,7 @@ def run_tags(cfg: TrainConfig) -> list[str]:
 
 
 class WandbSink:
-    def __init__(self, cfg: TrainConfig, resumed_step: int = 0):
+    def __init__(self, cfg: TrainConfig):
         self.state_path = Path(cfg.run_dir) / "wandb.json"
         state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
         # Last step sent, per record kind ("train" / "val"): replays after a resume are skipped.

@@ -35,10 +35,10 @@ class Trainer:
             log.info("resumed from %s at step %d", resume, self.c.state.step)
         elif cfg.checkpoint.initial_load:
             load_initial_weights(self.c.model, cfg.checkpoint.initial_load, self.c.args)
-        self.metrics = MetricsLogger(cfg, enabled=env.is_main, resumed_step=self.c.state.step)
+        self.metrics = MetricsLogger(cfg, enabled=env.is_main)
         peak = peak_flops(env.device, cfg.logging.peak_tflops)
         self.throughput = Throughput(self.c.flops_per_token, env.world_size, peak)
-        # Tokens per optimizer step across the whole job, and this rank's share of the loss.
+        # Tokens per optimizer step across the whole job.
         self.tokens_per_step = cfg.training.global_batch_size * cfg.training.seq_len
         self.accum_steps = self.c.accum_steps
         self.profiler = StepProfiler(cfg.profiling, cfg.run_dir, env.rank, env.device)
@@ -63,19 +63,28 @@ class Trainer:
             total += self.c.parallel.plain_loss(loss.detach())
         grad_norm = float(self.c.clip_grad_norm(self.cfg.optim.max_norm))
         loss = self.c.mean_over_dp(total)
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)) and self.cfg.profiling.nan_check is not NanCheck.off:
-            opt.zero_grad(set_to_none=True)  # every rank sees the same global values: same decision
-            if self.cfg.profiling.nan_check is NanCheck.stop:
-                raise NonFiniteLoss(
-                    f"loss {loss} / grad norm {grad_norm} at step {self.c.state.step}: stopped "
-                    "(profiling.nan_check=stop); the last checkpoint before it is intact"
-                )
-            log.warning("step %d: loss %s, grad norm %s: update skipped (profiling.nan_check=skip)", self.c.state.step, loss, grad_norm)
+        if self.non_finite(loss, grad_norm):  # profiling.nan_check=skip: drop this update
+            opt.zero_grad(set_to_none=True)
             return loss, grad_norm
         opt.step()
         opt.zero_grad(set_to_none=True)
         self.c.after_optimizer_step()
         return loss, grad_norm
+
+    def non_finite(self, loss: float, grad_norm: float) -> bool:
+        """Check the global loss and grad norm (every rank sees the same values, so every rank
+        decides alike): raise for nan_check=stop, True for skip, False when finite or off."""
+        check = self.cfg.profiling.nan_check
+        if check is NanCheck.off or (math.isfinite(loss) and math.isfinite(grad_norm)):
+            return False
+        step = self.c.state.step
+        if check is NanCheck.stop:
+            raise NonFiniteLoss(
+                f"loss {loss} / grad norm {grad_norm} at step {step}: stopped "
+                "(profiling.nan_check=stop); the last checkpoint before it is intact"
+            )
+        log.warning("step %d: loss %s, grad norm %s: update skipped (profiling.nan_check=skip)", step, loss, grad_norm)
+        return True
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
