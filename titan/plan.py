@@ -653,7 +653,12 @@ def plan(
         global_batch = micro * layout.dp
         notes.append(f"training.global_batch_size={t.global_batch_size} is below one sequence per data-parallel rank; planned with {global_batch}")
     accum = max(1, global_batch // (micro * layout.dp))
-    n_mb = (p.pp_microbatches if p.pp_microbatches > 0 else layout.pp * max(p.pp_virtual_stages, 1)) if layout.pp > 1 else 1
+    if layout.pp > 1:  # the runtime's default: one microbatch per stage (V schedules: 2 per rank)
+        from titan.parallel.pipeline import stages_per_rank
+
+        n_mb = p.pp_microbatches if p.pp_microbatches > 0 else layout.pp * stages_per_rank(PipelineSchedule(p.pp_schedule), p.pp_virtual_stages)
+    else:
+        n_mb = 1
     if micro % n_mb:
         notes.append(f"micro_batch_size={micro} does not split into {n_mb} pipeline micro-batches; planned with fractional ones")
     tokens = micro / n_mb * t.seq_len / layout.cp
