@@ -51,7 +51,9 @@ class Run:
 
 
 def run_titan(run_dir: Path, *overrides: str, tiny: bool = True, timeout: float = 600, env: dict | None = None, module: str = "titan.train") -> Run:
-    args = [sys.executable, "-m", module, f"hydra.run.dir={run_dir}", *(TINY if tiny else []), *overrides]
+    # TITAN_TEST_DEVICE=cuda runs the CLI tests on a GPU (benchmarks/gpu_check.sh).
+    device = [f"training.device={os.environ['TITAN_TEST_DEVICE']}"] if os.environ.get("TITAN_TEST_DEVICE") and module == "titan.train" else []
+    args = [sys.executable, "-m", module, f"hydra.run.dir={run_dir}", *(TINY if tiny else []), *device, *overrides]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.run(args, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
     metrics = Path(run_dir) / "metrics.jsonl"

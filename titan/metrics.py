@@ -18,7 +18,9 @@ from titan.config.schema import LogBackend, TrainConfig
 
 log = logging.getLogger("titan")
 
-# Dense bf16 peak FLOP/s per GPU (vendor datasheets), matched by substring of the device name.
+# Dense bf16 peak FLOP/s per GPU (vendor datasheets), matched by substring of the device name
+# (first match wins, so more specific names come first). ROCm builds of torch report AMD GPUs
+# through the same `cuda` device API ("AMD Instinct MI300X").
 GPU_PEAK_FLOPS = {
     "H200": 989e12,
     "H100 PCIe": 756e12,
@@ -28,6 +30,10 @@ GPU_PEAK_FLOPS = {
     "L40S": 362e12,
     "A10G": 125e12,
     "L4": 121e12,
+    "MI355X": 2516e12,
+    "MI325X": 1307e12,
+    "MI300X": 1307e12,
+    "MI250X": 383e12,
 }
 
 
@@ -43,17 +49,22 @@ def measure_cpu_peak_flops(size: int = 1024, reps: int = 8) -> float:
     return 2 * size**3 / best
 
 
+def gpu_peak_flops(device_name: str) -> Optional[float]:
+    """Dense bf16 peak of a GPU from its name, or None when the table does not know it."""
+    return next((flops for key, flops in GPU_PEAK_FLOPS.items() if key in device_name), None)
+
+
 def peak_flops(device: torch.device, configured_tflops: Optional[float] = None) -> float:
     """Per-device peak for MFU: configured, else the GPU table, else a CPU matmul measurement."""
     if configured_tflops:
         return configured_tflops * 1e12
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, flops in GPU_PEAK_FLOPS.items():
-            if key in name:
-                return flops
-        log.warning("unknown GPU %r: MFU uses the H100 peak; set logging.peak_tflops", name)
-        return 989e12
+        flops = gpu_peak_flops(name)
+        if flops is None:
+            log.warning("unknown GPU %r: MFU uses the H100 peak; set logging.peak_tflops", name)
+            return 989e12
+        return flops
     # Measured in this run, with this rank's threads: a peak cached from another moment (or
     # another load on a shared machine) would make MFU meaningless.
     return measure_cpu_peak_flops()

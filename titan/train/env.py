@@ -39,6 +39,16 @@ def pick_device_type(requested: Device) -> str:
     return requested.value
 
 
+def accelerator_runtime() -> str:
+    """The accelerator stack this torch build drives. ROCm builds expose AMD GPUs through the
+    `cuda` device API and RCCL through the `nccl` backend name, so the same code path serves both."""
+    if torch.version.hip:
+        return f"ROCm {torch.version.hip} (RCCL through the nccl backend)"
+    if torch.version.cuda and torch.cuda.is_available():
+        return f"CUDA {torch.version.cuda}"
+    return "CPU"
+
+
 def launched_by_env() -> bool:
     """True under torchrun / the elastic agent / srun, which set rank and world size."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ or "SLURM_PROCID" in os.environ
