@@ -88,6 +88,10 @@ def validate_checkpoint(cfg: TrainConfig) -> None:
                 "needs the whole model on one rank, which pipeline parallelism does not have; run it with "
                 "parallel.pp=1, or convert the run's checkpoint offline with python -m titan.tools.convert",
             )
+    if c.initial_load and c.initial_load.startswith("hf:"):  # its config.json vs model.*
+        from titan.interop.compat import check_hf_initial_load
+
+        check_hf_initial_load(c.initial_load, cfg.model, cfg.training.seq_len)
     if c.resume not in ("auto", "none"):
         _require(Path(c.resume).is_dir(), "checkpoint.resume", f"no checkpoint directory at {c.resume}; use auto, none or a path")
 
