@@ -183,6 +183,26 @@ def test_exported_tokenizer_gives_titans_ids_on_real_text(tmp_path, default_toke
     assert hf.decode(default_tokenizer.encode(texts[-1])) == texts[-1]
 
 
+def test_exported_tiktoken_tokenizer_gives_titans_ids(tmp_path):
+    from tests.test_tokenizer import _write_tiktoken_file
+    from titan.data.embedded import embedded_documents
+    from titan.data.tiktoken_tokenizer import TiktokenTokenizer
+    from titan.interop.hf_tokenizer import save_hf_tokenizer
+
+    merges = (b"th", b"he", b"the", b" t", b" the", b"  ", b"in", b"ing", b"re", b"    ", b"de", b"def", b" def",
+              b"\n\n", b"se", b"self", b"on", b"ion", b"12")
+    _write_tiktoken_file(tmp_path / "tok.model", merges)
+    ours = TiktokenTokenizer(tmp_path / "tok.model")
+    save_hf_tokenizer(ours, tmp_path / "hf")
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert (hf.bos_token, hf.eos_token) == ("<|begin_of_text|>", "<|end_of_text|>")
+    assert (hf.bos_token_id, hf.eos_token_id) == (ours.bos_id, ours.eos_id)
+    docs = embedded_documents()
+    for text in [docs[i][:3000] for i in range(0, len(docs), max(1, len(docs) // 20))] + ["def f(self): 123"]:
+        assert hf(text, add_special_tokens=False, split_special_tokens=True).input_ids == ours.encode(text)
+    assert hf("the def").input_ids == [ours.bos_id, *ours.encode("the def")]
+
+
 def test_bf16_export_loads_in_transformers(tmp_path, default_tokenizer):
     from titan.train.weights import export_hf
 
