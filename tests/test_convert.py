@@ -229,7 +229,7 @@ def make_run_dir(root, args: LlamaArgs, model, steps=(10,), incomplete_step=20):
         "model:\n  name: llama3_tiny\n  dim: 64\n  n_layers: 2\n  n_heads: 4\n  n_kv_heads: 2\n"
         "  vocab_size: -1\n  multiple_of: 32\n  rope_theta: 10000.0\n"
         f"  tie_embeddings: {str(args.tie_embeddings).lower()}\n"
-        "training:\n  seq_len: 64\n  seed: 42\ntokenizer:\n  kind: default\n  vocab_size: 128\n"
+        f"training:\n  seq_len: 64\n  seed: 42\ntokenizer:\n  kind: default\n  vocab_size: {max(args.vocab_size, 512)}\n"
     )
     optim = torch.optim.AdamW(model.parameters())
     model(torch.zeros(1, 4, dtype=torch.long)).sum().backward()
@@ -272,6 +272,27 @@ def test_run_dir_to_hf_titan_torch_and_back(tmp_path, tied):
     again = load_weights(tmp_path / "w.pt", preset="llama3_tiny")
     assert again.args.vocab_size == 128
     assert_same(again.state_dict, sd)
+
+
+def test_run_dir_to_hf_writes_the_run_tokenizer_and_hf_to_hf_keeps_it(tmp_path):
+    import transformers
+
+    from titan.config.schema import TokenizerConfig
+    from titan.data import build_tokenizer
+
+    args = tiny_args(vocab_size=512)
+    make_run_dir(tmp_path / "run", args, random_llama(args))
+    assert convert_tool.main([str(tmp_path / "run"), str(tmp_path / "hf"), "--to", "hf", "--dtype", "bfloat16"]) == 0
+    ours = build_tokenizer(TokenizerConfig(vocab_size=512))
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "def main(argv):\n    return 0\n"
+    assert hf(text).input_ids == [ours.bos_id, *ours.encode(text)]
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert (generation["bos_token_id"], generation["eos_token_id"]) == (ours.bos_id, ours.eos_id)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert model.dtype == torch.bfloat16
+    assert convert_tool.main([str(tmp_path / "hf"), str(tmp_path / "hf2"), "--to", "hf"]) == 0
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf2")(text).input_ids == hf(text).input_ids
 
 
 def test_dtype_cast_and_checkpoint_dir_inside_run(tmp_path):
