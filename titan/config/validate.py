@@ -26,6 +26,7 @@ def validate_model(cfg: TrainConfig) -> None:
     _require(kv > 0 and m.n_heads % kv == 0, "model.n_kv_heads", f"n_kv_heads={kv} must divide n_heads={m.n_heads}")
     _require(m.vocab_size == -1 or m.vocab_size > 0, "model.vocab_size", "must be positive, or -1 to take it from the tokenizer")
     _require(m.multiple_of > 0, "model.multiple_of", "must be positive")
+    _require(m.context_len is None or m.context_len > 0, "model.context_len", "must be positive, or null for training.seq_len")
 
 
 def validate_training(cfg: TrainConfig) -> None:

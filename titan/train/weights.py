@@ -50,7 +50,7 @@ def export_hf(model: nn.Module, args: LlamaArgs, run_dir: str, tokenizer, dtype:
     loadable by transformers' AutoTokenizer / AutoModelForCausalLM with nothing else."""
     import torch
 
-    from titan.interop import save_hf
+    from titan.interop import ConversionError, save_hf
     from titan.interop.hf_tokenizer import save_hf_tokenizer
 
     out = Path(run_dir) / "hf"
@@ -59,6 +59,10 @@ def export_hf(model: nn.Module, args: LlamaArgs, run_dir: str, tokenizer, dtype:
         cast = getattr(torch, str(getattr(dtype, "value", dtype)))
         state = {k: v.to(cast) if v.is_floating_point() else v for k, v in state.items()}
         save_hf(out, state, args, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
-        save_hf_tokenizer(tokenizer, out, context=args.context)
+        try:
+            save_hf_tokenizer(tokenizer, out, context=args.context)
+        except ConversionError as e:  # the weights are written; say what is missing and why
+            log.warning("exported Hugging Face weights to %s, but not the tokenizer: %s", out, e)
+            return out
         log.info("exported Hugging Face model and tokenizer to %s", out)
     return out
