@@ -33,7 +33,7 @@ def test_default_composes_to_typed_config():
 def test_model_presets_compose(name):
     cfg = compose_typed(f"model={name}")
     assert cfg.model.name == name and cfg.model.vocab_size == 128256
-    assert cfg.model.rope_scaling_factor == 8.0
+    assert cfg.model.rope_scaling_factor == (32.0 if name in ("llama3_1b", "llama3_3b") else 8.0)  # 3.2 vs 3.1
     validate(cfg, world_size=1)
 
 

@@ -25,6 +25,7 @@ from titan.interop import (
     save_hf,
     to_hf,
 )
+from titan.config.errors import ConfigError
 from titan.interop.dcp_io import read_dcp_metadata
 from titan.interop.errors import ConversionError
 from titan.models.llama3 import LlamaArgs
@@ -137,7 +138,7 @@ def test_hf_weights_give_titan_logits_in_an_independent_hf_forward(variant):
 
 @pytest.mark.parametrize("variant", ["gqa", "tied", "scaled"])
 def test_transformers_llama_matches(tmp_path, variant):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     args = VARIANTS[variant]
     model = random_llama(args, seed=2)
     save_hf(tmp_path, model.state_dict(), args)
@@ -178,7 +179,7 @@ def test_hf_config_round_trip(args):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling type 'linear'"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}, "rope_parameters": None}, "RoPE type 'linear'"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"model_type": "mistral"}, "model_type"),
     ({"head_dim": 32}, "head_dim"),
@@ -228,7 +229,7 @@ def make_run_dir(root, args: LlamaArgs, model, steps=(10,), incomplete_step=20):
         "model:\n  name: llama3_tiny\n  dim: 64\n  n_layers: 2\n  n_heads: 4\n  n_kv_heads: 2\n"
         "  vocab_size: -1\n  multiple_of: 32\n  rope_theta: 10000.0\n"
         f"  tie_embeddings: {str(args.tie_embeddings).lower()}\n"
-        "training:\n  seq_len: 64\n  seed: 42\ntokenizer:\n  kind: default\n  vocab_size: 128\n"
+        f"training:\n  seq_len: 64\n  seed: 42\ntokenizer:\n  kind: default\n  vocab_size: {max(args.vocab_size, 512)}\n"
     )
     optim = torch.optim.AdamW(model.parameters())
     model(torch.zeros(1, 4, dtype=torch.long)).sum().backward()
@@ -271,6 +272,27 @@ def test_run_dir_to_hf_titan_torch_and_back(tmp_path, tied):
     again = load_weights(tmp_path / "w.pt", preset="llama3_tiny")
     assert again.args.vocab_size == 128
     assert_same(again.state_dict, sd)
+
+
+def test_run_dir_to_hf_writes_the_run_tokenizer_and_hf_to_hf_keeps_it(tmp_path):
+    import transformers
+
+    from titan.config.schema import TokenizerConfig
+    from titan.data import build_tokenizer
+
+    args = tiny_args(vocab_size=512)
+    make_run_dir(tmp_path / "run", args, random_llama(args))
+    assert convert_tool.main([str(tmp_path / "run"), str(tmp_path / "hf"), "--to", "hf", "--dtype", "bfloat16"]) == 0
+    ours = build_tokenizer(TokenizerConfig(vocab_size=512))
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "def main(argv):\n    return 0\n"
+    assert hf(text).input_ids == [ours.bos_id, *ours.encode(text)]
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert (generation["bos_token_id"], generation["eos_token_id"]) == (ours.bos_id, ours.eos_id)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert model.dtype == torch.bfloat16
+    assert convert_tool.main([str(tmp_path / "hf"), str(tmp_path / "hf2"), "--to", "hf"]) == 0
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf2")(text).input_ids == hf(text).input_ids
 
 
 def test_dtype_cast_and_checkpoint_dir_inside_run(tmp_path):
@@ -353,5 +375,5 @@ def test_initial_weights_from_hf_and_dcp(tmp_path):
     assert_same(initial_weights(f"hf:{tmp_path / 'hf'}", args), sd)
     make_run_dir(tmp_path / "run", args, model)
     assert_same(initial_weights(str(tmp_path / "run"), args), model.state_dict())
-    with pytest.raises(ConversionError, match=r"initial_load=.*tok_embeddings.weight has shape \(128, 64\)"):
+    with pytest.raises(ConfigError, match=r"model.dim=128 but checkpoint.initial_load=hf:.* has dim=64"):
         initial_weights(f"hf:{tmp_path / 'hf'}", tiny_args(tie_embeddings=True, dim=128))

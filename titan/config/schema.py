@@ -46,6 +46,8 @@ class ModelConfig:
     rope_original_max_seq_len: int = 8192
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # The context the model is made for (exported as HF max_position_embeddings); None: training.seq_len.
+    context_len: Optional[int] = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,6 +262,12 @@ class AsyncMode(str, Enum):
     process = "process"
 
 
+class ExportDtype(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
 @dataclass
 class CheckpointConfig:
     interval: int = 0  # steps between saves; 0 disables saving
@@ -269,6 +277,7 @@ class CheckpointConfig:
     save_final: bool = True  # also save at the last step (when interval > 0)
     initial_load: Optional[str] = None  # weights at step 0: hf:PATH, a DCP/seed dir or a run dir
     export_hf: bool = False  # write the final weights in Hugging Face format to RUN_DIR/hf
+    export_dtype: ExportDtype = ExportDtype.float32  # dtype of the RUN_DIR/hf weights
     create_seed: bool = False  # write initialised step-0 weights to RUN_DIR/seed and exit
 
 

@@ -26,6 +26,7 @@ def validate_model(cfg: TrainConfig) -> None:
     _require(kv > 0 and m.n_heads % kv == 0, "model.n_kv_heads", f"n_kv_heads={kv} must divide n_heads={m.n_heads}")
     _require(m.vocab_size == -1 or m.vocab_size > 0, "model.vocab_size", "must be positive, or -1 to take it from the tokenizer")
     _require(m.multiple_of > 0, "model.multiple_of", "must be positive")
+    _require(m.context_len is None or m.context_len > 0, "model.context_len", "must be positive, or null for training.seq_len")
 
 
 def validate_training(cfg: TrainConfig) -> None:
@@ -88,6 +89,10 @@ def validate_checkpoint(cfg: TrainConfig) -> None:
                 "needs the whole model on one rank, which pipeline parallelism does not have; run it with "
                 "parallel.pp=1, or convert the run's checkpoint offline with python -m titan.tools.convert",
             )
+    if c.initial_load and c.initial_load.startswith("hf:"):  # its config.json vs model.*
+        from titan.interop.compat import check_hf_initial_load
+
+        check_hf_initial_load(c.initial_load, cfg.model, cfg.training.seq_len)
     if c.resume not in ("auto", "none"):
         _require(Path(c.resume).is_dir(), "checkpoint.resume", f"no checkpoint directory at {c.resume}; use auto, none or a path")
 

@@ -127,20 +127,30 @@ def from_hf(hf_state_dict: dict[str, torch.Tensor], args: LlamaArgs) -> dict[str
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
+def rope_parameters(args: LlamaArgs) -> dict[str, Any]:
+    """RoPE settings as transformers 5.x writes them (`rope_parameters`)."""
+    if args.rope_scaling_factor is None:
+        return {"rope_type": "default", "rope_theta": float(args.rope_theta)}
+    return {
+        "rope_type": "llama3",
+        "rope_theta": float(args.rope_theta),
+        "factor": float(args.rope_scaling_factor),
+        "low_freq_factor": float(args.rope_low_freq_factor),
+        "high_freq_factor": float(args.rope_high_freq_factor),
+        "original_max_position_embeddings": int(args.rope_original_max_seq_len),
+    }
+
+
 def hf_config(args: LlamaArgs, torch_dtype: torch.dtype | str = "float32", bos_token_id: Optional[int] = None,
               eos_token_id: Optional[int] = None) -> dict[str, Any]:
-    """config.json for transformers' LlamaForCausalLM with the same architecture as `args`."""
+    """config.json for transformers' LlamaForCausalLM with the same architecture as `args`.
+
+    RoPE is written in both forms: `rope_parameters` (transformers 5.x) and the older top-level
+    `rope_theta` / `rope_scaling` (transformers 4.x and other readers); they agree."""
     if isinstance(torch_dtype, torch.dtype):
         torch_dtype = _DTYPE_NAMES.get(torch_dtype, str(torch_dtype).removeprefix("torch."))
-    rope_scaling = None
-    if args.rope_scaling_factor is not None:
-        rope_scaling = {
-            "rope_type": "llama3",
-            "factor": float(args.rope_scaling_factor),
-            "low_freq_factor": float(args.rope_low_freq_factor),
-            "high_freq_factor": float(args.rope_high_freq_factor),
-            "original_max_position_embeddings": int(args.rope_original_max_seq_len),
-        }
+    rope = rope_parameters(args)
+    legacy_scaling = {k: v for k, v in rope.items() if k != "rope_theta"} if args.rope_scaling_factor else None
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -154,13 +164,16 @@ def hf_config(args: LlamaArgs, torch_dtype: torch.dtype | str = "float32", bos_t
         "attention_bias": False,
         "mlp_bias": False,
         "rms_norm_eps": args.norm_eps,
+        "rope_parameters": rope,
         "rope_theta": float(args.rope_theta),
-        "rope_scaling": rope_scaling,
+        "rope_scaling": legacy_scaling,
         "tie_word_embeddings": bool(args.tie_embeddings),
         "vocab_size": args.vocab_size,
-        "max_position_embeddings": args.max_seq_len,
+        # The context the model is made for, not the (often shorter) training sequence length.
+        "max_position_embeddings": args.context,
         "initializer_range": args.init_std,
-        "torch_dtype": torch_dtype,
+        "dtype": torch_dtype,
+        "torch_dtype": torch_dtype,  # the key's name before transformers 5
         "use_cache": True,
     }
     if bos_token_id is not None:
@@ -187,12 +200,47 @@ def _require(config: dict[str, Any], key: str) -> Any:
     return config[key]
 
 
+# Fields that change what the model computes, with the only value titan can express. A config
+# that sets one otherwise is refused rather than converted into a model that computes
+# something else. (Dropout, `pretraining_tp` and cache settings do not change inference logits.)
+_FIXED_FIELDS = {
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "mlp_bias": False,
+    "partial_rotary_factor": 1.0,
+}
+_LLAMA3_ROPE_KEYS = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+
+
+def read_rope(config: dict[str, Any]) -> dict[str, Any]:
+    """One `rope_parameters`-style dict from either form a config.json may hold: transformers
+    5.x's `rope_parameters`, or the older top-level `rope_theta` + `rope_scaling`. When both
+    are present they must agree (readers differ on which one wins)."""
+    legacy: dict[str, Any] = dict(config.get("rope_scaling") or {})
+    if "rope_theta" in config:
+        legacy["rope_theta"] = config["rope_theta"]
+    if "type" in legacy:  # the oldest spelling of rope_type
+        legacy.setdefault("rope_type", legacy.pop("type"))
+    modern = dict(config.get("rope_parameters") or {})
+    if "type" in modern:
+        modern.setdefault("rope_type", modern.pop("type"))
+    for key in set(legacy) & set(modern):
+        if legacy[key] != modern[key]:
+            raise ConversionError(f"config.json rope_parameters.{key}={modern[key]!r} disagrees with the "
+                                  f"top-level rope_theta/rope_scaling ({legacy[key]!r}); fix the config")
+    rope = {**legacy, **modern}
+    rope.setdefault("rope_theta", 10000.0)  # transformers' LlamaConfig default
+    rope.setdefault("rope_type", "default")
+    return rope
+
+
 def args_from_hf_config(config: dict[str, Any]) -> LlamaArgs:
-    """LlamaArgs for a Hugging Face Llama config.json; unsupported variants are refused."""
+    """LlamaArgs for a Hugging Face Llama config.json; any setting that changes the model's
+    numerics and that titan cannot express is refused, naming the field."""
     model_type = config.get("model_type", "llama")
     if model_type != "llama":
         raise ConversionError(f"config.json model_type={model_type!r}: only 'llama' converts to titan")
-    for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+    for key, ok in _FIXED_FIELDS.items():
         if config.get(key, ok) != ok:
             raise ConversionError(f"config.json {key}={config[key]!r} is not supported (titan needs {ok!r})")
     dim = _require(config, "hidden_size")
@@ -201,6 +249,19 @@ def args_from_hf_config(config: dict[str, Any]) -> LlamaArgs:
     if head_dim * n_heads != dim:
         raise ConversionError(f"config.json head_dim={head_dim} x {n_heads} heads != hidden_size={dim}; titan needs them equal")
     multiple_of, multiplier = _ffn_sizing(dim, _require(config, "intermediate_size"))
+    rope = read_rope(config)
+    kind = rope["rope_type"]
+    if kind not in ("default", "llama3"):
+        raise ConversionError(f"config.json RoPE type {kind!r} (rope_parameters/rope_scaling) is not supported "
+                              f"(titan has 'default' and 'llama3')")
+    extra = sorted(set(rope) - {"rope_type", "rope_theta"} - (_LLAMA3_ROPE_KEYS if kind == "llama3" else set()))
+    if kind == "default":  # transformers ignores scaling fields with the default type: so do we
+        extra = [k for k in extra if k not in _LLAMA3_ROPE_KEYS]
+    for key in extra:
+        if key == "partial_rotary_factor" and rope[key] == 1.0:
+            continue
+        raise ConversionError(f"config.json RoPE field {key}={rope[key]!r} is not supported by titan's RoPE")
+    context = config.get("max_position_embeddings", 2048)
     args = LlamaArgs(
         dim=dim,
         n_layers=_require(config, "num_hidden_layers"),
@@ -210,21 +271,19 @@ def args_from_hf_config(config: dict[str, Any]) -> LlamaArgs:
         multiple_of=multiple_of,
         ffn_dim_multiplier=multiplier,
         norm_eps=config.get("rms_norm_eps", 1e-6),
-        rope_theta=float(config.get("rope_theta", 10000.0)),
+        rope_theta=float(rope["rope_theta"]),
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
         init_std=config.get("initializer_range", 0.02),
-        max_seq_len=config.get("max_position_embeddings", 2048),
+        max_seq_len=context,
+        context_len=context,
     )
-    scaling = config.get("rope_scaling")
-    if scaling:
-        kind = scaling.get("rope_type", scaling.get("type"))
-        if kind == "llama3":
-            args.rope_scaling_factor = float(scaling["factor"])
-            args.rope_low_freq_factor = float(scaling.get("low_freq_factor", 1.0))
-            args.rope_high_freq_factor = float(scaling.get("high_freq_factor", 4.0))
-            args.rope_original_max_seq_len = int(scaling.get("original_max_position_embeddings", 8192))
-        elif kind != "default":
-            raise ConversionError(f"config.json rope_scaling type {kind!r} is not supported (titan has 'llama3' only)")
+    if kind == "llama3":
+        if "factor" not in rope:
+            raise ConversionError("config.json llama3 RoPE scaling has no 'factor'")
+        args.rope_scaling_factor = float(rope["factor"])
+        args.rope_low_freq_factor = float(rope.get("low_freq_factor", 1.0))
+        args.rope_high_freq_factor = float(rope.get("high_freq_factor", 4.0))
+        args.rope_original_max_seq_len = int(rope.get("original_max_position_embeddings", 8192))
     if args.ffn_hidden != config["intermediate_size"]:  # guards _ffn_sizing's float arithmetic
         raise ConversionError(f"cannot express intermediate_size={config['intermediate_size']} with titan's FFN sizing")
     return args

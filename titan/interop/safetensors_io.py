@@ -21,6 +21,7 @@ from titan.models.llama3 import LlamaArgs
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
 TORCH_BIN = "pytorch_model.bin"
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # transformers' default shard size
 _STALE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?$")
@@ -81,6 +82,10 @@ def save_hf(out_dir: str | Path, state_dict: dict[str, torch.Tensor], args: Llam
     config = hf_config(args, dtype, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
     (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     written.append(out_dir / CONFIG_FILE)
+    if bos_token_id is not None or eos_token_id is not None:
+        generation = {k: v for k, v in (("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id)) if v is not None}
+        (out_dir / GENERATION_CONFIG_FILE).write_text(json.dumps(generation, indent=2) + "\n")
+        written.append(out_dir / GENERATION_CONFIG_FILE)
     return written
 
 

@@ -158,7 +158,11 @@ def initial_weights(spec: str, args: LlamaArgs) -> dict[str, torch.Tensor]:
     dir, else a DCP checkpoint dir or a run dir (its latest complete checkpoint). Checked
     against the args the trainer built, so a mismatch fails before any training step."""
     if spec.startswith("hf:"):
-        state_dict, _ = load_hf(spec[3:])
+        from titan.interop.compat import require_same_model
+
+        state_dict, hf_args = load_hf(spec[3:])
+        # Shapes cannot see RoPE, norm eps or tying: compare the configs themselves first.
+        require_same_model(hf_args, args, f"checkpoint.initial_load={spec}")
     else:
         path = Path(spec)
         ckpt = path if (path / METADATA_FILE).is_file() else None

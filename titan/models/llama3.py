@@ -36,6 +36,12 @@ class LlamaArgs:
     tie_embeddings: bool = False
     init_std: float = 0.02
     max_seq_len: int = 2048  # length of the precomputed RoPE table
+    # Positions the model is made for (Hugging Face's max_position_embeddings); None: max_seq_len.
+    context_len: Optional[int] = None
+
+    @property
+    def context(self) -> int:
+        return self.context_len or self.max_seq_len
 
     @property
     def kv_heads(self) -> int:
@@ -240,18 +246,37 @@ class Llama3(nn.Module):
     def init_groups(self) -> list[tuple[str, nn.Module, Callable[[torch.Generator], None]]]:
         """(name, module, fill) for each independently seeded group of parameters; `fill` writes
         the module's parameters from the generator `init_generator(seed, name)`. Groups hold
-        disjoint parameters (a tied output is filled with the embedding)."""
+        disjoint parameters: a tied weight is filled once, in the embedding's group."""
         groups: list = []
         if self.tok_embeddings is not None:
-            groups.append(("tok_embeddings", self.tok_embeddings, lambda g: nn.init.normal_(self.tok_embeddings.weight, generator=g)))
+            groups.append(("tok_embeddings", self.tok_embeddings, self._init_embedding))
         for name, layer in self.layers.items():
             groups.append((f"layers.{name}", layer, layer.init_weights))
         if self.norm is not None:
             groups.append(("norm", self.norm, lambda g: self.norm.init_weights()))
         if self.output is not None and not self.args.tie_embeddings:
-            std = self.args.dim**-0.5
-            groups.append(("output", self.output, lambda g: _trunc_normal(self.output.weight, std, g)))
+            groups.append(("output", self.output, lambda g: _trunc_normal(self.output.weight, self.output_std, g)))
         return groups
+
+    @property
+    def output_std(self) -> float:
+        """Output projection init: with unit-RMS (normed) inputs, logits start with std ~1, so
+        the first loss is about ln(vocab) + 1/2."""
+        return self.args.dim**-0.5
+
+    def _init_embedding(self, generator: torch.Generator) -> None:
+        if not self.args.tie_embeddings:
+            nn.init.normal_(self.tok_embeddings.weight, generator=generator)
+            return
+        # A tied weight is also the output projection, and the input token's own row then meets
+        # itself: at init the final hidden state is mostly that row, normalised to norm
+        # sqrt(dim), so its own logit is about std * dim while every other logit has std
+        # std * sqrt(dim). The untied embedding's N(0, 1) gives a self-logit of ~dim (first loss
+        # in the hundreds); even the output's dim^-0.5 leaves it at sqrt(dim) (8 at dim 64: a
+        # first loss 15% above ln(vocab)). std = 1/dim keeps the self-logit ~1 and the others
+        # near 0, so training starts at ~ln(vocab). As an embedding a small std is harmless:
+        # each block normalises its input.
+        _trunc_normal(self.tok_embeddings.weight, 1.0 / self.args.dim, generator)
 
     @torch.no_grad()
     def init_weights(self, buffer_device: Optional[torch.device] = None, seed: Optional[int] = None) -> None:

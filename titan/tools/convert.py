@@ -9,7 +9,10 @@ the checkpoint's `titan_model.json`, or config.json; `--model PRESET` (a conf/mo
 names it for bare weights (the vocabulary size is read from the embedding).
 
     --to hf     DST is a Hugging Face dir: config.json + model.safetensors (sharded with an
-                index above --max-shard-size), loadable by transformers' LlamaForCausalLM.
+                index above --max-shard-size), loadable by transformers' LlamaForCausalLM;
+                from a titan run also its tokenizer (tokenizer.json, for AutoTokenizer) and
+                generation_config.json; from a Hugging Face dir its tokenizer files are copied.
+                --dtype bfloat16 writes bf16 weights.
     --to titan  DST is a model-only DCP checkpoint dir with its `.complete` marker, usable as
                 `checkpoint.initial_load=DST` (state dict {"model": ...}).
     --to torch  DST is one torch.save file of the titan state dict (reading it back needs --model).
@@ -21,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -64,13 +69,58 @@ def convert(src: str, dst: str, to: str, model: Optional[str] = None, dtype: Opt
         if loaded.args.tie_embeddings:  # keep the tie: one tensor under both names
             state_dict["output.weight"] = state_dict["tok_embeddings.weight"]
     if to == "hf":
-        files = save_hf(dst, state_dict, loaded.args, max_shard_bytes=max_shard_bytes)
-        written = f"{len(files)} files in {dst}"
+        tokenizer, note = _run_tokenizer(loaded)
+        ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id} if tokenizer else {}
+        files = save_hf(dst, state_dict, loaded.args, max_shard_bytes=max_shard_bytes, **ids)
+        if tokenizer is not None:
+            from titan.interop.hf_tokenizer import save_hf_tokenizer
+
+            files += save_hf_tokenizer(tokenizer, dst, context=loaded.args.context)
+        elif loaded.kind == "hf":
+            files += _copy_tokenizer_files(loaded.path, Path(dst))
+            note = None
+        written = f"{len(files)} files in {dst}" + (f"; {note}" if note else "")
     elif to == "titan":
         written = str(save_dcp_model(dst, state_dict, loaded.args))
     else:
         written = str(save_torch(dst, state_dict))
     return f"{loaded.kind} weights from {loaded.path} -> {to}: {written}"
+
+
+_HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                       "generation_config.json", "chat_template.jinja")
+
+
+def _copy_tokenizer_files(src: Path, dst: Path) -> list[Path]:
+    """Hugging Face -> Hugging Face: keep the source's tokenizer and generation settings."""
+    copied = []
+    for name in _HF_TOKENIZER_FILES:
+        if (src / name).is_file() and src.resolve() != dst.resolve():
+            shutil.copyfile(src / name, dst / name)
+            copied.append(dst / name)
+    return copied
+
+
+def _run_tokenizer(loaded):
+    """(the run's tokenizer, None) when the weights come from a titan run whose tokenizer can be
+    built and fits the model; else (None, why not), said in the summary line."""
+    from omegaconf import OmegaConf
+
+    from titan.config.errors import ConfigError
+    from titan.config.schema import TokenizerConfig
+    from titan.data import build_tokenizer
+
+    section = (loaded.run_config() or {}).get("tokenizer")
+    if not section:
+        return None, "no tokenizer written: the weights come without a titan run config"
+    try:
+        tokenizer = build_tokenizer(OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TokenizerConfig), section)))
+    except (ConfigError, OSError, ValueError) as e:
+        return None, f"no tokenizer written: the run's tokenizer cannot be built ({e})"
+    if tokenizer.vocab_size > loaded.args.vocab_size:
+        return None, (f"no tokenizer written: the run's tokenizer has {tokenizer.vocab_size} tokens, "
+                      f"more than the model's {loaded.args.vocab_size}")
+    return tokenizer, None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -147,7 +147,7 @@ class Trainer:
         self.checkpointer.close()
         self.profiler.close(state.step)
         if cfg.checkpoint.export_hf:
-            export_hf(self.c.model, self.c.args, cfg.run_dir, self.c.tokenizer.eos_id, self.c.tokenizer.bos_id)
+            export_hf(self.c.model, self.c.args, cfg.run_dir, self.c.tokenizer, cfg.checkpoint.export_dtype)
         summary = {
             "steps": state.step,
             "first_loss": first_loss,

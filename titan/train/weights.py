@@ -45,12 +45,24 @@ def save_seed_checkpoint(model: nn.Module, args: LlamaArgs, run_dir: str) -> Pat
     return out
 
 
-def export_hf(model: nn.Module, args: LlamaArgs, run_dir: str, eos_id: int, bos_id: int) -> Path:
-    from titan.interop import save_hf
+def export_hf(model: nn.Module, args: LlamaArgs, run_dir: str, tokenizer, dtype: str = "float32") -> Path:
+    """RUN_DIR/hf: weights (in `dtype`), config.json, generation_config.json and the tokenizer,
+    loadable by transformers' AutoTokenizer / AutoModelForCausalLM with nothing else."""
+    import torch
+
+    from titan.interop import ConversionError, save_hf
+    from titan.interop.hf_tokenizer import save_hf_tokenizer
 
     out = Path(run_dir) / "hf"
     state = _full_state(model)
     if not dist.is_initialized() or dist.get_rank() == 0:
-        save_hf(out, state, args, bos_token_id=bos_id, eos_token_id=eos_id)
-        log.info("exported Hugging Face weights to %s", out)
+        cast = getattr(torch, str(getattr(dtype, "value", dtype)))
+        state = {k: v.to(cast) if v.is_floating_point() else v for k, v in state.items()}
+        save_hf(out, state, args, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
+        try:
+            save_hf_tokenizer(tokenizer, out, context=args.context)
+        except ConversionError as e:  # the weights are written; say what is missing and why
+            log.warning("exported Hugging Face weights to %s, but not the tokenizer: %s", out, e)
+            return out
+        log.info("exported Hugging Face model and tokenizer to %s", out)
     return out
