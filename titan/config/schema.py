@@ -297,6 +297,23 @@ class ProfilingConfig:
 
 
 # ---------------------------------------------------------------------------------------------
+# fault tolerance
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class FaultToleranceConfig:
+    """torchft: replica groups (each a whole copy of the layout) average gradients through a
+    Manager that tolerates a group dying; a restarted group heals from a live peer's state."""
+
+    enabled: bool = False
+    replica_groups: int = 2  # groups in the job; the global batch is split over all of them
+    group_id: int = 0  # this process's group: set by the self-launcher, or per torchrun job
+    lighthouse: Optional[str] = None  # http://host:port; None: $TORCHFT_LIGHTHOUSE, or self-launch starts one
+    min_replicas: int = 1  # groups that must be alive to commit a step
+    max_restarts: int = 3  # self-launch: times a failed group is restarted
+    timeout_s: int = 60  # quorum and cross-group collective timeout
+
+
+# ---------------------------------------------------------------------------------------------
 # training and root
 # ---------------------------------------------------------------------------------------------
 @dataclass
@@ -332,6 +349,7 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
+    fault_tolerance: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     # Filled by the launcher, not by users: where this run writes, and Hydra's group choices.
     run_dir: str = "outputs/run"

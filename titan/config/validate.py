@@ -104,8 +104,11 @@ def resolve_micro_batch(cfg: TrainConfig, world_size: int) -> None:
         return
     from titan.parallel.mesh import resolve_degrees
 
+    from titan.fault_tolerance import replica_groups
+
     degrees = resolve_degrees(cfg.parallel, world_size)
-    dp = degrees["dp_replicate"] * degrees["dp_shard"]
+    # Fault-tolerant replica groups split the global batch like data-parallel ranks.
+    dp = degrees["dp_replicate"] * degrees["dp_shard"] * replica_groups(cfg)
     _require(
         t.global_batch_size % dp == 0,
         "training.global_batch_size",
@@ -123,8 +126,10 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
     validate_data(cfg)
     validate_checkpoint(cfg)
     validate_parallel_names(cfg)
+    from titan.fault_tolerance import validate_fault_tolerance
     from titan.parallel.mesh import validate_layout
     from titan.precision import validate_precision
 
     validate_layout(cfg, world_size)
     validate_precision(cfg)
+    validate_fault_tolerance(cfg)

@@ -19,6 +19,7 @@ from titan.activation_checkpoint import apply_activation_checkpointing
 from titan.compile import apply_compile
 from titan.config.schema import TrainConfig
 from titan.data import build_data, build_tokenizer
+from titan.fault_tolerance import replica_groups
 from titan.models import LlamaArgs, build_model, count_params, flops_per_token, model_args
 from titan.optim import build_lr_scheduler, build_optimizer
 from titan.parallel import build_parallel
@@ -90,7 +91,9 @@ def build_components(cfg: TrainConfig, env: RankEnv) -> Components:
         lambda m: apply_activation_checkpointing(m, cfg.activation_checkpoint),
         lambda m: apply_compile(m, cfg.compile),
     ]
-    tokens_per_rank = t.global_batch_size * t.seq_len // parallel.loss_divisor
+    # Fault-tolerant replica groups take their slices of the global batch like dp ranks.
+    groups, group = replica_groups(cfg), cfg.fault_tolerance.group_id if cfg.fault_tolerance.enabled else 0
+    tokens_per_rank = t.global_batch_size * t.seq_len // (parallel.loss_divisor * groups)
     pipeline = None
     if parallel.pp_enabled:  # this rank's stages of the model, each parallelised like a model
         pipeline = parallel.build_pipeline(model, partial(summed_ce, divisor=tokens_per_rank), t.micro_batch_size, t.seq_len, transforms)
@@ -104,7 +107,7 @@ def build_components(cfg: TrainConfig, env: RankEnv) -> Components:
 
     optimizer = build_optimizer(model, cfg.optim, cfg.precision)
     scheduler = build_lr_scheduler(optimizer, cfg.lr_schedule, t.steps)
-    dp_rank, dp_world = parallel.dp_rank, parallel.dp_world
+    dp_rank, dp_world = group * parallel.dp_world + parallel.dp_rank, groups * parallel.dp_world
     loader, val_factory = build_data(
         cfg.data, tokenizer, t.seq_len, t.global_batch_size, t.micro_batch_size, dp_rank, dp_world, t.seed
     )

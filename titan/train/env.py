@@ -66,6 +66,19 @@ def _from_slurm() -> None:
         raise RuntimeError("under srun, export MASTER_ADDR (first host of $SLURM_JOB_NODELIST); see scripts/slurm.sbatch")
 
 
+def _restart_store(rank: int, world: int, timeout_s: int) -> dict:
+    """After an elastic restart, a store of this attempt's own: the agent's store outlives the
+    restart, and with it the previous attempt's gloo addresses, which the new ranks would
+    otherwise read and fail to connect to. Empty (env:// rendezvous) on a first attempt."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if attempt == "0":
+        return {}
+    is_master = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=is_master, timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+    return {"store": dist.PrefixStore(f"titan/attempt_{attempt}", store), "rank": rank, "world_size": world}
+
+
 def setup_rank(cfg: TrainConfig) -> RankEnv:
     """Initialise this process as one rank. A single process gets no process group at all."""
     _from_slurm()
@@ -87,6 +100,7 @@ def setup_rank(cfg: TrainConfig) -> RankEnv:
             backend=backend,
             timeout=timedelta(seconds=cfg.parallel.timeout_s),
             device_id=device if device_type == "cuda" else None,
+            **_restart_store(rank, world, cfg.parallel.timeout_s),
         )
     elif world == 1 and cfg.checkpoint.async_mode is AsyncMode.process and not dist.is_initialized():
         # DCP's process-mode async save talks to its saver process through a process group.

@@ -34,7 +34,7 @@ def _first_failure(err) -> str:
     return f"rank {rank} failed (exit code {failure.exitcode}); its log: {failure.error_file or 'see logs/'}\n{detail}"
 
 
-def spawn_workers(cfg: TrainConfig) -> Optional[float]:
+def spawn_workers(cfg: TrainConfig, max_restarts: int = 0) -> Optional[float]:
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -50,7 +50,7 @@ def spawn_workers(cfg: TrainConfig) -> Optional[float]:
         run_id=f"titan-{uuid.uuid4().hex[:8]}",
         rdzv_backend="c10d",
         rdzv_endpoint=f"127.0.0.1:{free_port()}",
-        max_restarts=0,
+        max_restarts=max_restarts,  # > 0 for fault-tolerant replica groups
         start_method="spawn",
         monitor_interval=0.1,
         log_line_prefix_template="[rank${rank}]",
@@ -70,9 +70,15 @@ def launch(cfg: TrainConfig) -> Optional[float]:
 
     if cfg.parallel.launcher is Launcher.env or (cfg.parallel.launcher is Launcher.auto and launched_by_env()):
         return run_worker(cfg)
-    if cfg.parallel.nproc_per_node == 1:
-        return run_worker(cfg)
     from titan.data import build_tokenizer
 
+    if cfg.fault_tolerance.enabled:  # a lighthouse and each replica group, restartable
+        from titan.fault_tolerance import launch_replica_groups
+
+        build_tokenizer(cfg.tokenizer)
+        launch_replica_groups(cfg, spawn_workers)
+        return None
+    if cfg.parallel.nproc_per_node == 1:
+        return run_worker(cfg)
     build_tokenizer(cfg.tokenizer)  # train/cache the default tokenizer once, before the ranks start
     return spawn_workers(cfg)

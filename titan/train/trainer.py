@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from titan.checkpoint import Checkpointer, load_state
 from titan.config.schema import NanCheck, TrainConfig
+from titan.fault_tolerance import build_fault_tolerance
 from titan.metrics import MetricsLogger, Throughput, peak_flops, peak_memory_gib, reset_peak_memory
 from titan.profiling import NonFiniteLoss, StepProfiler
 from titan.train.build import Components, build_components, summed_ce
@@ -35,6 +36,9 @@ class Trainer:
             log.info("resumed from %s at step %d", resume, self.c.state.step)
         elif cfg.checkpoint.initial_load:
             load_initial_weights(self.c.model, cfg.checkpoint.initial_load, self.c.args)
+        self.ft = build_fault_tolerance(cfg, env, self.c.state)  # None unless fault_tolerance=torchft
+        if self.ft is not None and resume is not None:
+            self.ft.resumed(self.c.state.step)
         self.metrics = MetricsLogger(cfg, enabled=env.is_main)
         peak = peak_flops(env.device, cfg.logging.peak_tflops)
         self.throughput = Throughput(self.c.flops_per_token, env.world_size, peak)
@@ -61,9 +65,14 @@ class Trainer:
                 loss = self.loss_fn(model(inputs, positions=positions), labels)
                 loss.backward()
             total += self.c.parallel.plain_loss(loss.detach())
+        if self.ft is not None:  # mean over the live replica groups
+            self.ft.average_gradients(model)
         grad_norm = float(self.c.clip_grad_norm(self.cfg.optim.max_norm))
         loss = self.c.mean_over_dp(total)
-        if self.non_finite(loss, grad_norm):  # profiling.nan_check=skip: drop this update
+        committed = True
+        if self.ft is not None:
+            loss, committed = self.ft.mean(loss, self.env.device), self.ft.should_commit()
+        if self.non_finite(loss, grad_norm) or not committed:  # nan_check=skip, or torchft said no
             opt.zero_grad(set_to_none=True)
             return loss, grad_norm
         opt.step()
@@ -105,6 +114,8 @@ class Trainer:
             count += 1
         self.c.model.train()
         val_loss = self.c.mean_over_dp(total / max(count, 1))
+        if self.ft is not None:  # each replica group evaluated its slice of the val batches
+            val_loss = self.ft.mean(val_loss, self.env.device)
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
     def save_seed(self) -> None:
@@ -118,6 +129,8 @@ class Trainer:
         reset_peak_memory(self.env.device)
         started = time.perf_counter()
         while state.step < last:
+            if self.ft is not None:  # the quorum for this step; a group behind heals here
+                self.ft.start_step()
             state.step += 1
             self.profiler.step_begin(state.step)
             t0 = time.perf_counter()
@@ -131,6 +144,8 @@ class Trainer:
             if state.step % interval == 0 or state.step == last or state.step == 1:
                 record = {"step": state.step, "loss": loss, "grad_norm": grad_norm, "lr": self.c.scheduler.get_last_lr()[0]}
                 record.update(self.throughput.measure())
+                if self.ft is not None:
+                    record.update(self.ft.metrics())
                 record.update(
                     checkpoint_block_s=self.checkpointer.take_blocked(),
                     memory_gib=peak_memory_gib(self.env.device),
@@ -145,6 +160,8 @@ class Trainer:
             if self.checkpointer.should_save(state.step, last):
                 self.checkpointer.save(state.state_dict(), state.step)
         self.checkpointer.close()
+        if self.ft is not None:
+            self.ft.close()
         self.profiler.close(state.step)
         if cfg.checkpoint.export_hf:
             export_hf(self.c.model, self.c.args, cfg.run_dir, self.c.tokenizer, cfg.checkpoint.export_dtype)
