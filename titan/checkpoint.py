@@ -166,8 +166,13 @@ class Checkpointer:
             self.wait()
 
     def poll(self) -> None:
-        """Finish an async save whose writes are done (cheap; called every step)."""
-        if self.pending is not None and self.pending[0].done():
+        """Finish an async save once every rank's writes are done (called every step).
+
+        The ranks decide together: finishing ends in a barrier, and a rank that entered it on
+        its own view while another went on into the next step's collectives would hang both."""
+        from titan.train.agree import all_ranks
+
+        if self.pending is not None and all_ranks(self.pending[0].done()):
             self.wait()
 
     def wait(self) -> None:

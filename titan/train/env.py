@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from titan.config.schema import AsyncMode, Device, TrainConfig
 from titan.profiling import enable_flight_recorder
+from titan.train.agree import init_agreement_group
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ def setup_rank(cfg: TrainConfig) -> RankEnv:
             timeout=timedelta(seconds=cfg.parallel.timeout_s),
             device_id=device if device_type == "cuda" else None,
         )
+        init_agreement_group()
     elif world == 1 and cfg.checkpoint.async_mode is AsyncMode.process and not dist.is_initialized():
         # DCP's process-mode async save talks to its saver process through a process group.
         from titan.train.launch import free_port
