@@ -6,6 +6,7 @@ live next to the code they protect (titan/parallel, titan/precision) and are cal
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from titan.config.errors import ConfigError
@@ -49,12 +50,13 @@ def validate_optim(cfg: TrainConfig) -> None:
     _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "two values in [0, 1)")
     _require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     _require(s.warmup_steps >= 0, "lr_schedule.warmup_steps", "must be >= 0")
-    _require(
-        s.warmup_steps < cfg.training.steps,
-        "lr_schedule.warmup_steps",
-        f"warmup ({s.warmup_steps} steps) must be shorter than training.steps={cfg.training.steps}; "
-        "lower lr_schedule.warmup_steps or raise training.steps",
-    )
+    if s.warmup_steps >= cfg.training.steps > 0:  # a short smoke run under the default warmup
+        clamped = cfg.training.steps // 5
+        logging.getLogger("titan").warning(
+            "lr_schedule.warmup_steps=%d is not shorter than training.steps=%d: warming up over %d step(s) instead",
+            s.warmup_steps, cfg.training.steps, clamped,
+        )
+        s.warmup_steps = clamped
     _require(0 <= s.min_lr_factor <= 1, "lr_schedule.min_lr_factor", "must be in [0, 1]")
     _require(0 <= s.decay_fraction <= 1, "lr_schedule.decay_fraction", "must be in [0, 1]")
 
@@ -63,7 +65,9 @@ def validate_data(cfg: TrainConfig) -> None:
     d, tok = cfg.data, cfg.tokenizer
     if d.source in (DataSource.files, DataSource.hf):
         _require(bool(d.path), "data.path", f"data.source={d.source.value} needs data.path (a glob or dataset name)")
-    _require(0 < d.val_fraction < 1, "data.val_fraction", "must be in (0, 1)")
+    _require(0 <= d.val_fraction < 1, "data.val_fraction", "must be in [0, 1) (0: no validation)")
+    if d.val_fraction == 0 and cfg.training.val_interval > 0:  # nothing held out: nothing to validate on
+        cfg.training.val_interval = 0
     if tok.kind is not TokenizerKind.default:
         _require(bool(tok.path), "tokenizer.path", f"tokenizer.kind={tok.kind.value} needs tokenizer.path")
         _require(Path(tok.path).is_file(), "tokenizer.path", f"no such file: {tok.path}")

@@ -18,7 +18,7 @@ from titan.config.errors import ConfigError
 from titan.config.load import CONF_DIR, register_schemas, to_typed
 from titan.config.schema import Launcher, TrainConfig
 from titan.config.validate import validate
-from titan.train.env import launched_by_env
+from titan.train.env import env_world_size, launched_by_env
 
 _task_started = False
 
@@ -37,7 +37,7 @@ def typed_config(cfg: DictConfig) -> TrainConfig:
 
 def world_size_for(cfg: TrainConfig) -> int:
     if cfg.parallel.launcher is not Launcher.spawn and launched_by_env():
-        return int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+        return env_world_size()
     return cfg.parallel.nproc_per_node
 
 
