@@ -137,6 +137,15 @@ class Checkpointer:
         finally:
             self.blocked_s += time.perf_counter() - start
 
+    def save_on_interrupt(self, state: Any, step: int) -> None:
+        """Ctrl-C stopped the run after `step`: save it, unless saving is off or it is saved
+        already (a periodic save of this step, or the checkpoint the run resumed from)."""
+        path = step_dir(self.root, step)
+        if self.cfg.interval <= 0 or step == 0 or is_complete(path) or (self.pending and self.pending[1] == path):
+            return
+        log.info("saving a checkpoint at step %d before stopping (Ctrl-C again to skip it)", step)
+        self.save(state.state_dict(), step)
+
     def take_blocked(self) -> float:
         """Seconds training spent blocked in saves since the last call (for metrics)."""
         blocked, self.blocked_s = self.blocked_s, 0.0

@@ -55,6 +55,8 @@ def _hydra_main(cfg: DictConfig) -> Optional[float]:
     _task_started = True
     from titan.checkpoint import CheckpointError
     from titan.profiling import NonFiniteLoss
+    from titan.train.interrupt import EXIT_CODE as EXIT_INTERRUPTED
+    from titan.train.interrupt import Interrupted
     from titan.train.launch import WorkerFailed, launch
 
     try:
@@ -70,6 +72,10 @@ def _hydra_main(cfg: DictConfig) -> Optional[float]:
         _fail(f"config error: {e}", 2)
     except (CheckpointError, WorkerFailed, NonFiniteLoss) as e:
         _fail(f"error: {e}", 1)
+    except Interrupted as e:
+        _fail(f"interrupted: {e}", EXIT_INTERRUPTED)
+    except KeyboardInterrupt:
+        _fail("interrupted: stopped by Ctrl-C (nothing saved at this point)", EXIT_INTERRUPTED)
     return None
 
 

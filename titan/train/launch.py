@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from titan.config.schema import Launcher, TrainConfig
+from titan.train import interrupt
 from titan.train.env import launched_by_env
 
 
@@ -54,14 +55,30 @@ def spawn_workers(cfg: TrainConfig) -> Optional[float]:
         start_method="spawn",
         monitor_interval=0.1,
         log_line_prefix_template="[rank${rank}]",
+        # SIGINT stays ours (titan.train.interrupt): Ctrl-C reaches the workers, which stop cleanly.
+        signals_to_handle="SIGTERM,SIGHUP,SIGQUIT",
         # Every rank's stdout/stderr goes to logs/; rank 0 is also shown on the console.
         logs_specs=DefaultLogsSpecs(log_dir=str(log_dir), redirects=Std.ALL, tee={0: Std.ALL}),
     )
     try:
-        results = elastic_launch(launch_cfg, run_worker)(cfg)
+        with interrupt.launcher_handling():
+            results = elastic_launch(launch_cfg, run_worker)(cfg)
     except ChildFailedError as err:
+        if interrupt.requested():
+            raise interrupt.Interrupted(_interrupted_message(cfg)) from None
         raise WorkerFailed(_first_failure(err)) from None
     return results[0]
+
+
+def _interrupted_message(cfg: TrainConfig) -> str:
+    from titan.checkpoint import complete_checkpoints
+
+    if cfg.checkpoint.interval <= 0:
+        return "stopped by Ctrl-C (checkpointing is off: set checkpoint.interval=N to be able to resume)"
+    found = complete_checkpoints(Path(cfg.run_dir) / "checkpoints")
+    if not found:
+        return "stopped by Ctrl-C before any checkpoint was saved"
+    return f"stopped by Ctrl-C; latest checkpoint {found[-1]}: run the same command (hydra.run.dir={cfg.run_dir}) to resume"
 
 
 def launch(cfg: TrainConfig) -> Optional[float]:
@@ -69,10 +86,14 @@ def launch(cfg: TrainConfig) -> Optional[float]:
     from titan.train.worker import run_worker
 
     if cfg.parallel.launcher is Launcher.env or (cfg.parallel.launcher is Launcher.auto and launched_by_env()):
-        return run_worker(cfg)
-    if cfg.parallel.nproc_per_node == 1:
-        return run_worker(cfg)
-    from titan.data import build_tokenizer
+        result = run_worker(cfg)
+    elif cfg.parallel.nproc_per_node == 1:
+        result = run_worker(cfg)
+    else:
+        from titan.data import build_tokenizer
 
-    build_tokenizer(cfg.tokenizer)  # train/cache the default tokenizer once, before the ranks start
-    return spawn_workers(cfg)
+        build_tokenizer(cfg.tokenizer)  # train/cache the default tokenizer once, before the ranks start
+        result = spawn_workers(cfg)
+    if interrupt.requested():
+        raise interrupt.Interrupted(_interrupted_message(cfg))
+    return result

@@ -17,6 +17,7 @@ from titan.metrics import MetricsLogger, Throughput, peak_flops, peak_memory_gib
 from titan.profiling import NonFiniteLoss, StepProfiler
 from titan.train.build import Components, build_components, summed_ce
 from titan.train.env import RankEnv
+from titan.train.interrupt import stop_agreed
 from titan.train.weights import export_hf, load_initial_weights, save_seed_checkpoint
 
 log = logging.getLogger("titan")
@@ -118,6 +119,9 @@ class Trainer:
         reset_peak_memory(self.env.device)
         started = time.perf_counter()
         while state.step < last:
+            if stop_agreed():  # Ctrl-C on any rank: every rank stops here, at the same step
+                self.checkpointer.save_on_interrupt(state, state.step)
+                break
             state.step += 1
             self.profiler.step_begin(state.step)
             t0 = time.perf_counter()
