@@ -99,6 +99,20 @@ def load_state(state: dict[str, Any], path: Path) -> None:
         ) from None
 
 
+def restore(train_state: Any, path: Path) -> None:
+    """Resume `train_state` (a TrainState) from checkpoint `path`. A checkpoint that does not
+    fit this run's data settings (another seed, corpus or tokenizer) is a CheckpointError."""
+    state = train_state.state_dict()
+    load_state(state, path)
+    try:
+        train_state.load_state_dict(state)
+    except ValueError as e:
+        raise CheckpointError(
+            f"cannot resume from {path}: {e}; resume with the settings it was saved with (training.seed, data, "
+            "tokenizer, batch layout), or start afresh with checkpoint.resume=none or another hydra.run.dir"
+        ) from None
+
+
 def _is_writer() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 

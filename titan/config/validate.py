@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 from titan.config.errors import ConfigError
-from titan.config.schema import DataSource, PipelineSchedule, TokenizerKind, TrainConfig
+from titan.config.schema import DataSource, LogBackend, PipelineSchedule, TokenizerKind, TrainConfig
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -75,6 +75,15 @@ def validate_data(cfg: TrainConfig) -> None:
         _require(tok.vocab_size >= 512, "tokenizer.vocab_size", "must be >= 512 (256 byte pieces, specials and merges)")
 
 
+def validate_logging(cfg: TrainConfig) -> None:
+    if cfg.logging.backend is LogBackend.tensorboard:
+        try:
+            import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it)
+        except ImportError:
+            raise ConfigError("logging", "logging=tensorboard needs the tensorboard package: pip install tensorboard "
+                              "(or use logging=none / logging=wandb)") from None
+
+
 def validate_parallel_names(cfg: TrainConfig) -> None:
     names = [s.value for s in PipelineSchedule]
     _require(cfg.parallel.pp_schedule in names, "parallel.pp_schedule", f"{cfg.parallel.pp_schedule!r} is not one of {', '.join(names)}")
@@ -92,6 +101,18 @@ def validate_checkpoint(cfg: TrainConfig) -> None:
                 "needs the whole model on one rank, which pipeline parallelism does not have; run it with "
                 "parallel.pp=1, or convert the run's checkpoint offline with python -m titan.tools.convert",
             )
+    if c.initial_load:
+        spec = c.initial_load
+        if spec.startswith("hf:"):
+            _require(
+                (Path(spec[3:]) / "config.json").is_file(),
+                "checkpoint.initial_load",
+                f"no Hugging Face model directory at {spec[3:]} (it needs config.json and *.safetensors); "
+                "give hf:DIR of a downloaded model",
+            )
+        else:
+            _require(Path(spec).exists(), "checkpoint.initial_load", f"no checkpoint, seed or run directory at {spec}; "
+                     "give a DCP checkpoint dir, a run dir, or hf:DIR")
     if c.resume not in ("auto", "none"):
         _require(Path(c.resume).is_dir(), "checkpoint.resume", f"no checkpoint directory at {c.resume}; use auto, none or a path")
 
@@ -115,12 +136,15 @@ def resolve_micro_batch(cfg: TrainConfig, world_size: int) -> None:
 
 def validate(cfg: TrainConfig, world_size: int) -> None:
     """Everything that can be checked without building the model (resolves micro_batch_size=-1)."""
+    _require(cfg.parallel.nproc_per_node >= 1, "parallel.nproc_per_node", "must be >= 1 (worker processes to start on this machine)")
+    _require(world_size >= 1, "parallel.nproc_per_node", f"the job has {world_size} processes; it needs at least 1")
     resolve_micro_batch(cfg, world_size)
     validate_model(cfg)
     validate_training(cfg)
     validate_optim(cfg)
     validate_data(cfg)
     validate_checkpoint(cfg)
+    validate_logging(cfg)
     validate_parallel_names(cfg)
     from titan.parallel.mesh import validate_layout
     from titan.precision import validate_precision

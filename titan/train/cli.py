@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Optional
 
 import hydra
@@ -54,6 +55,7 @@ def _hydra_main(cfg: DictConfig) -> Optional[float]:
     global _task_started
     _task_started = True
     from titan.checkpoint import CheckpointError
+    from titan.interop.errors import ConversionError
     from titan.profiling import NonFiniteLoss
     from titan.train.interrupt import EXIT_CODE as EXIT_INTERRUPTED
     from titan.train.interrupt import Interrupted
@@ -70,7 +72,7 @@ def _hydra_main(cfg: DictConfig) -> Optional[float]:
         return launch(typed)
     except ConfigError as e:
         _fail(f"config error: {e}", 2)
-    except (CheckpointError, WorkerFailed, NonFiniteLoss) as e:
+    except (CheckpointError, ConversionError, WorkerFailed, NonFiniteLoss) as e:
         _fail(f"error: {e}", 1)
     except Interrupted as e:
         _fail(f"interrupted: {e}", EXIT_INTERRUPTED)
@@ -90,8 +92,30 @@ def _pin_run_dir_under_launcher() -> None:
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
 
 
+def _check_run_dir() -> None:
+    """Hydra creates the run dir before our task runs, and fails there with a traceback:
+    check it first (the literal part of hydra.run.dir, or ./outputs by default)."""
+    if {"-m", "--multirun"} & set(sys.argv):
+        return
+    value = next((a.split("=", 1)[1] for a in reversed(sys.argv) if a.startswith("hydra.run.dir=")), "outputs")
+    path = Path(value.split("${")[0] or ".").expanduser().absolute()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        problem = f"{existing} is not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} is not writable"
+    else:
+        return
+    print(f"config error: hydra.run.dir: cannot create the run directory {path} ({problem}); "
+          "choose another hydra.run.dir=PATH", file=sys.stderr)
+    sys.exit(2)
+
+
 def main() -> None:
     register_schemas()
+    _check_run_dir()
     if launched_by_env() and {"-m", "--multirun"} & set(sys.argv):
         print("config error: -m/--multirun under torchrun or srun would run the whole sweep on every rank; "
               "run the sweep without torchrun (each job self-launches its workers)", file=sys.stderr)

@@ -6,6 +6,7 @@ the typed (picklable) config, never a DictConfig, and never run Hydra themselves
 
 from __future__ import annotations
 
+import os
 import socket
 import uuid
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Optional
 
 from titan.config.schema import Launcher, TrainConfig
 from titan.train import interrupt
-from titan.train.env import launched_by_env
+from titan.train.env import env_world_size, launched_by_env
 
 
 def free_port() -> int:
@@ -85,14 +86,17 @@ def launch(cfg: TrainConfig) -> Optional[float]:
     """Run the job; returns rank 0's final validation loss (what an Optuna sweep minimises)."""
     from titan.train.worker import run_worker
 
+    from titan.train.preflight import preflight
+
     if cfg.parallel.launcher is Launcher.env or (cfg.parallel.launcher is Launcher.auto and launched_by_env()):
+        local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE") or 1)
+        preflight(cfg, env_world_size(), local, announce=int(os.environ.get("RANK", 0)) == 0)
         result = run_worker(cfg)
     elif cfg.parallel.nproc_per_node == 1:
+        preflight(cfg, 1, 1)
         result = run_worker(cfg)
     else:
-        from titan.data import build_tokenizer
-
-        build_tokenizer(cfg.tokenizer)  # train/cache the default tokenizer once, before the ranks start
+        preflight(cfg, cfg.parallel.nproc_per_node, cfg.parallel.nproc_per_node)
         result = spawn_workers(cfg)
     if interrupt.requested():
         raise interrupt.Interrupted(_interrupted_message(cfg))

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from titan.checkpoint import Checkpointer, load_state
+from titan.checkpoint import Checkpointer, restore
 from titan.config.schema import NanCheck, TrainConfig
 from titan.metrics import MetricsLogger, Throughput, peak_flops, peak_memory_gib, reset_peak_memory
 from titan.profiling import NonFiniteLoss, StepProfiler
@@ -30,9 +30,7 @@ class Trainer:
         self.checkpointer = Checkpointer(cfg.checkpoint, cfg.run_dir)
         resume = self.checkpointer.resume_path()
         if resume is not None:
-            state = self.c.state.state_dict()
-            load_state(state, resume)
-            self.c.state.load_state_dict(state)
+            restore(self.c.state, resume)
             log.info("resumed from %s at step %d", resume, self.c.state.step)
         elif cfg.checkpoint.initial_load:
             load_initial_weights(self.c.model, cfg.checkpoint.initial_load, self.c.args)
