@@ -62,12 +62,13 @@ def test_rank_variables_from_srun(monkeypatch):
     for key in _TORCH_VARS:
         monkeypatch.delenv(key, raising=False)
     env = {"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_STEP_NUM_TASKS": "4", "SLURM_NTASKS": "4",
+           "SLURM_NODEID": "1", "SLURM_STEP_TASKS_PER_NODE": "2(x2)",
            "SLURM_JOB_ID": "123456", "SLURM_JOB_NODELIST": "gpu[07-08]"}
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     assert slurm.is_slurm_rank()
     assert slurm.torch_env_from_slurm() == {
-        "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu07",
+        "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "gpu07",
         "MASTER_PORT": str(slurm.PORT_BASE + 123456 % slurm.PORT_SPAN)}
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")  # a one-task step (submitit) is no rank of many
     assert not slurm.is_slurm_rank()

@@ -53,6 +53,11 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE") or slurm.step_tasks())
 
 
+def env_local_world_size() -> int:
+    """Ranks on this machine when launched_by_env()."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or (slurm.tasks_on_this_node() if slurm.is_slurm_rank() else 1))
+
+
 def _from_slurm() -> None:
     """srun starts one task per rank but sets SLURM_* rather than torch's variables."""
     if "RANK" in os.environ or not slurm.is_slurm_rank():

@@ -14,7 +14,7 @@ from typing import Optional
 
 from titan.config.schema import Launcher, TrainConfig
 from titan.train import interrupt
-from titan.train.env import env_world_size, launched_by_env
+from titan.train.env import env_local_world_size, env_world_size, launched_by_env
 
 
 def free_port() -> int:
@@ -89,8 +89,8 @@ def launch(cfg: TrainConfig) -> Optional[float]:
     from titan.train.preflight import preflight
 
     if cfg.parallel.launcher is Launcher.env or (cfg.parallel.launcher is Launcher.auto and launched_by_env()):
-        local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE") or 1)
-        preflight(cfg, env_world_size(), local, announce=int(os.environ.get("RANK", 0)) == 0)
+        rank = int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
+        preflight(cfg, env_world_size(), env_local_world_size(), announce=rank == 0)
         result = run_worker(cfg)
     elif cfg.parallel.nproc_per_node == 1:
         preflight(cfg, 1, 1)

@@ -61,8 +61,9 @@ def memory_per_rank(device_type: str, local_ranks: int) -> tuple[int, str]:
     if device_type == "cuda":
         import torch
 
-        total = torch.cuda.get_device_properties(0).total_memory
-        return total, f"{torch.cuda.get_device_name(0)} memory"
+        # Properties only (no allocation); this rank's own GPU under torchrun/srun.
+        props = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        return props.total_memory, f"{props.name} memory"
     ram = available_cpu_memory()
     return ram // max(1, local_ranks), f"available RAM shared by {local_ranks} process(es)" if local_ranks > 1 else "available RAM"
 

@@ -58,6 +58,17 @@ def is_slurm_rank() -> bool:
     return "SLURM_PROCID" in _env() and step_tasks() > 1
 
 
+def tasks_on_this_node() -> int:
+    """This node's share of the step's tasks, from e.g. SLURM_STEP_TASKS_PER_NODE='8(x2),4'."""
+    env = _env()
+    spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or ""
+    counts: list[int] = []
+    for count, repeat in re.findall(r"(\d+)(?:\(x(\d+)\))?", spec):
+        counts += [int(count)] * int(repeat or 1)
+    node = int(env.get("SLURM_NODEID", "0"))
+    return counts[node] if node < len(counts) else (counts[0] if counts else 1)
+
+
 def rendezvous_host() -> str:
     for key in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST"):
         hosts = expand_hostlist(_env().get(key, ""))
@@ -78,6 +89,7 @@ def torch_env_from_slurm() -> dict[str, str]:
         "RANK": env["SLURM_PROCID"],
         "WORLD_SIZE": str(step_tasks()),
         "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        "LOCAL_WORLD_SIZE": str(tasks_on_this_node()),
         "MASTER_ADDR": env.get("MASTER_ADDR") or rendezvous_host(),
         "MASTER_PORT": env.get("MASTER_PORT") or str(rendezvous_port()),
     }
