@@ -22,6 +22,12 @@ def init_agreement_group() -> None:
         _group = dist.new_group(backend="gloo")
 
 
+def drop_agreement_group() -> None:
+    """Before the process group is destroyed (a later run in this process makes its own)."""
+    global _group
+    _group = None
+
+
 def _combine(flag: bool, op: dist.ReduceOp) -> bool:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return flag

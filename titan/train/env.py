@@ -12,7 +12,7 @@ import torch.distributed as dist
 from titan.config.schema import AsyncMode, Device, TrainConfig
 from titan.profiling import enable_flight_recorder
 from titan.train import slurm
-from titan.train.agree import init_agreement_group
+from titan.train.agree import drop_agreement_group, init_agreement_group
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,7 @@ def setup_rank(cfg: TrainConfig) -> RankEnv:
 
 
 def teardown_rank() -> None:
+    drop_agreement_group()
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

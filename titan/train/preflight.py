@@ -111,4 +111,5 @@ def preflight(cfg: TrainConfig, world_size: int, local_ranks: int, announce: boo
         )
     tokenizer = build_tokenizer(cfg.tokenizer)  # trains/caches the default tokenizer once, before the ranks start
     check_vocab(cfg, tokenizer.vocab_size)
-    check_memory(cfg, world_size, local_ranks, device_type)
+    if not cfg.checkpoint.create_seed:  # a seed checkpoint takes no training step
+        check_memory(cfg, world_size, local_ranks, device_type)
