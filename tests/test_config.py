@@ -42,7 +42,7 @@ def test_model_presets_compose(name):
     [
         (["model.n_heads=7"], "model.n_heads"),
         (["model.n_kv_heads=3"], "model.n_kv_heads"),
-        (["lr_schedule.warmup_steps=500", "training.steps=100"], "lr_schedule.warmup_steps"),
+        (["lr_schedule.warmup_steps=-1"], "lr_schedule.warmup_steps"),
         (["training.global_batch_size=6", "training.micro_batch_size=4"], "training.global_batch_size"),
         (["optim.lr=-1"], "optim.lr"),
         (["data=files"], "data.path"),

@@ -342,3 +342,19 @@ def test_tokens_decode_back_to_documents(default_tok):
     eos = np.flatnonzero(ids == default_tok.eos_id)
     assert default_tok.decode(ids[bos[0] + 1:eos[0]].tolist()) == docs[0]
     assert default_tok.decode(ids[bos[1] + 1:eos[1]].tolist()) == docs[1]
+
+
+def test_one_document_is_split_inside_and_val_fraction_0_means_no_validation(tmp_path):
+    text = "".join(f"line {i} of the only document\n" for i in range(200))
+    (tmp_path / "book.txt").write_text(text)
+    cfg = DataConfig(source=DataSource.files, path=str(tmp_path / "book.txt"), val_fraction=0.1)
+    train, val = load_documents(cfg, "train"), load_documents(cfg, "val")
+    assert len(train) == len(val) == 1
+    assert train[0] + val[0] == text and val[0].startswith("line ")  # cut at a line break
+    assert 0.08 < len(val[0]) / len(text) < 0.12
+    everything = load_documents(DataConfig(source=DataSource.files, path=cfg.path, val_fraction=0.0), "train")
+    assert [everything[0]] == [text]
+    (tmp_path / "book.txt").write_text("x")
+    with pytest.raises(ConfigError, match="data.val_fraction=0") as e:
+        load_documents(cfg, "val")
+    assert e.value.key == "data.val_fraction"

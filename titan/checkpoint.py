@@ -99,6 +99,20 @@ def load_state(state: dict[str, Any], path: Path) -> None:
         ) from None
 
 
+def restore(train_state: Any, path: Path) -> None:
+    """Resume `train_state` (a TrainState) from checkpoint `path`. A checkpoint that does not
+    fit this run's data settings (another seed, corpus or tokenizer) is a CheckpointError."""
+    state = train_state.state_dict()
+    load_state(state, path)
+    try:
+        train_state.load_state_dict(state)
+    except ValueError as e:
+        raise CheckpointError(
+            f"cannot resume from {path}: {e}; resume with the settings it was saved with (training.seed, data, "
+            "tokenizer, batch layout), or start afresh with checkpoint.resume=none or another hydra.run.dir"
+        ) from None
+
+
 def _is_writer() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
@@ -137,6 +151,15 @@ class Checkpointer:
         finally:
             self.blocked_s += time.perf_counter() - start
 
+    def save_on_interrupt(self, state: Any, step: int) -> None:
+        """Ctrl-C stopped the run after `step`: save it, unless saving is off or it is saved
+        already (a periodic save of this step, or the checkpoint the run resumed from)."""
+        path = step_dir(self.root, step)
+        if self.cfg.interval <= 0 or step == 0 or is_complete(path) or (self.pending and self.pending[1] == path):
+            return
+        log.info("saving a checkpoint at step %d before stopping (Ctrl-C again to skip it)", step)
+        self.save(state.state_dict(), step)
+
     def take_blocked(self) -> float:
         """Seconds training spent blocked in saves since the last call (for metrics)."""
         blocked, self.blocked_s = self.blocked_s, 0.0
@@ -166,8 +189,13 @@ class Checkpointer:
             self.wait()
 
     def poll(self) -> None:
-        """Finish an async save whose writes are done (cheap; called every step)."""
-        if self.pending is not None and self.pending[0].done():
+        """Finish an async save once every rank's writes are done (called every step).
+
+        The ranks decide together: finishing ends in a barrier, and a rank that entered it on
+        its own view while another went on into the next step's collectives would hang both."""
+        from titan.train.agree import all_ranks
+
+        if self.pending is not None and all_ranks(self.pending[0].done()):
             self.wait()
 
     def wait(self) -> None:

@@ -6,10 +6,11 @@ live next to the code they protect (titan/parallel, titan/precision) and are cal
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from titan.config.errors import ConfigError
-from titan.config.schema import DataSource, PipelineSchedule, TokenizerKind, TrainConfig
+from titan.config.schema import DataSource, LogBackend, PipelineSchedule, TokenizerKind, TrainConfig
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -50,12 +51,13 @@ def validate_optim(cfg: TrainConfig) -> None:
     _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "two values in [0, 1)")
     _require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     _require(s.warmup_steps >= 0, "lr_schedule.warmup_steps", "must be >= 0")
-    _require(
-        s.warmup_steps < cfg.training.steps,
-        "lr_schedule.warmup_steps",
-        f"warmup ({s.warmup_steps} steps) must be shorter than training.steps={cfg.training.steps}; "
-        "lower lr_schedule.warmup_steps or raise training.steps",
-    )
+    if s.warmup_steps >= cfg.training.steps > 0:  # a short smoke run under the default warmup
+        clamped = cfg.training.steps // 5
+        logging.getLogger("titan").warning(
+            "lr_schedule.warmup_steps=%d is not shorter than training.steps=%d: warming up over %d step(s) instead",
+            s.warmup_steps, cfg.training.steps, clamped,
+        )
+        s.warmup_steps = clamped
     _require(0 <= s.min_lr_factor <= 1, "lr_schedule.min_lr_factor", "must be in [0, 1]")
     _require(0 <= s.decay_fraction <= 1, "lr_schedule.decay_fraction", "must be in [0, 1]")
 
@@ -64,12 +66,23 @@ def validate_data(cfg: TrainConfig) -> None:
     d, tok = cfg.data, cfg.tokenizer
     if d.source in (DataSource.files, DataSource.hf):
         _require(bool(d.path), "data.path", f"data.source={d.source.value} needs data.path (a glob or dataset name)")
-    _require(0 < d.val_fraction < 1, "data.val_fraction", "must be in (0, 1)")
+    _require(0 <= d.val_fraction < 1, "data.val_fraction", "must be in [0, 1) (0: no validation)")
+    if d.val_fraction == 0 and cfg.training.val_interval > 0:  # nothing held out: nothing to validate on
+        cfg.training.val_interval = 0
     if tok.kind is not TokenizerKind.default:
         _require(bool(tok.path), "tokenizer.path", f"tokenizer.kind={tok.kind.value} needs tokenizer.path")
         _require(Path(tok.path).is_file(), "tokenizer.path", f"no such file: {tok.path}")
     else:
         _require(tok.vocab_size >= 512, "tokenizer.vocab_size", "must be >= 512 (256 byte pieces, specials and merges)")
+
+
+def validate_logging(cfg: TrainConfig) -> None:
+    if cfg.logging.backend is LogBackend.tensorboard:
+        try:
+            import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it)
+        except ImportError:
+            raise ConfigError("logging", "logging=tensorboard needs the tensorboard package: pip install tensorboard "
+                              "(or use logging=none / logging=wandb)") from None
 
 
 def validate_parallel_names(cfg: TrainConfig) -> None:
@@ -89,6 +102,18 @@ def validate_checkpoint(cfg: TrainConfig) -> None:
                 "needs the whole model on one rank, which pipeline parallelism does not have; run it with "
                 "parallel.pp=1, or convert the run's checkpoint offline with python -m titan.tools.convert",
             )
+    if c.initial_load:
+        spec = c.initial_load
+        if spec.startswith("hf:"):
+            _require(
+                (Path(spec[3:]) / "config.json").is_file(),
+                "checkpoint.initial_load",
+                f"no Hugging Face model directory at {spec[3:]} (it needs config.json and *.safetensors); "
+                "give hf:DIR of a downloaded model",
+            )
+        else:
+            _require(Path(spec).exists(), "checkpoint.initial_load", f"no checkpoint, seed or run directory at {spec}; "
+                     "give a DCP checkpoint dir, a run dir, or hf:DIR")
     if c.initial_load and c.initial_load.startswith("hf:"):  # its config.json vs model.*
         from titan.interop.compat import check_hf_initial_load
 
@@ -119,12 +144,15 @@ def resolve_micro_batch(cfg: TrainConfig, world_size: int) -> None:
 
 def validate(cfg: TrainConfig, world_size: int) -> None:
     """Everything that can be checked without building the model (resolves micro_batch_size=-1)."""
+    _require(cfg.parallel.nproc_per_node >= 1, "parallel.nproc_per_node", "must be >= 1 (worker processes to start on this machine)")
+    _require(world_size >= 1, "parallel.nproc_per_node", f"the job has {world_size} processes; it needs at least 1")
     resolve_micro_batch(cfg, world_size)
     validate_model(cfg)
     validate_training(cfg)
     validate_optim(cfg)
     validate_data(cfg)
     validate_checkpoint(cfg)
+    validate_logging(cfg)
     validate_parallel_names(cfg)
     from titan.fault_tolerance import validate_fault_tolerance
     from titan.parallel.mesh import validate_layout

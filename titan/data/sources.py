@@ -87,8 +87,11 @@ def split_indexed(docs: IndexedDocuments, split: str, val_fraction: float) -> In
 
     Small corpora (a handful of files) would often get no validation document at all, so when
     the rule holds out none, or all, of two or more documents, the single document with the
-    smallest hash is held out instead.
+    smallest hash is held out instead. A corpus of one document is split inside it: its last
+    `val_fraction` of text is held out (see `split_text`).
     """
+    if val_fraction > 0 and len(docs) == 1:
+        return split_text(docs, split, val_fraction)
     hashes = [unit_hash(n) for n in docs.names]
     val = {i for i, h in enumerate(hashes) if h < val_fraction}
     if val_fraction > 0 and len(docs) >= 2 and len(val) in (0, len(docs)):
@@ -104,6 +107,25 @@ def split_indexed(docs: IndexedDocuments, split: str, val_fraction: float) -> In
             )
         raise ConfigError("data.path", f"no training documents in {docs.what}")
     return docs.subset(picked)
+
+
+def split_text(docs: IndexedDocuments, split: str, val_fraction: float) -> IndexedDocuments:
+    """Train on the first (1 - val_fraction) of a single document's text, validate on the rest.
+
+    The cut is by characters (so it does not depend on the tokenizer), moved to the next line
+    break when one is near, and never leaves either part empty."""
+    name, text = docs.names[0], docs[0]
+    cut = int(len(text) * (1 - val_fraction))
+    newline = text.find("\n", cut, cut + max(1, len(text) // 100))
+    cut = newline + 1 if newline >= 0 else cut
+    if not 0 < cut < len(text):
+        raise ConfigError(
+            "data.val_fraction",
+            f"{docs.what} holds one document of {len(text)} characters: too little to hold out "
+            f"{val_fraction:.0%} for validation; add text, or set data.val_fraction=0 (no validation)",
+        )
+    lo, hi = (0, cut) if split == "train" else (cut, None)
+    return IndexedDocuments([f"{name}[{lo}:{hi if hi is not None else ''}]"], lambda _i: docs[0][lo:hi], docs.what)
 
 
 def load_documents(cfg: DataConfig, split: str) -> IndexedDocuments | StreamingDocuments:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Optional
 
 import hydra
@@ -18,7 +19,7 @@ from titan.config.errors import ConfigError
 from titan.config.load import CONF_DIR, register_schemas, to_typed
 from titan.config.schema import Launcher, TrainConfig
 from titan.config.validate import validate
-from titan.train.env import launched_by_env
+from titan.train.env import env_world_size, launched_by_env
 
 _task_started = False
 
@@ -37,7 +38,7 @@ def typed_config(cfg: DictConfig) -> TrainConfig:
 
 def world_size_for(cfg: TrainConfig) -> int:
     if cfg.parallel.launcher is not Launcher.spawn and launched_by_env():
-        return int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+        return env_world_size()
     return cfg.parallel.nproc_per_node
 
 
@@ -54,7 +55,10 @@ def _hydra_main(cfg: DictConfig) -> Optional[float]:
     global _task_started
     _task_started = True
     from titan.checkpoint import CheckpointError
+    from titan.interop.errors import ConversionError
     from titan.profiling import NonFiniteLoss
+    from titan.train.interrupt import EXIT_CODE as EXIT_INTERRUPTED
+    from titan.train.interrupt import Interrupted
     from titan.train.launch import WorkerFailed, launch
 
     try:
@@ -68,8 +72,12 @@ def _hydra_main(cfg: DictConfig) -> Optional[float]:
         return launch(typed)
     except ConfigError as e:
         _fail(f"config error: {e}", 2)
-    except (CheckpointError, WorkerFailed, NonFiniteLoss) as e:
+    except (CheckpointError, ConversionError, WorkerFailed, NonFiniteLoss) as e:
         _fail(f"error: {e}", 1)
+    except Interrupted as e:
+        _fail(f"interrupted: {e}", EXIT_INTERRUPTED)
+    except KeyboardInterrupt:
+        _fail("interrupted: stopped by Ctrl-C (nothing saved at this point)", EXIT_INTERRUPTED)
     return None
 
 
@@ -84,8 +92,30 @@ def _pin_run_dir_under_launcher() -> None:
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
 
 
+def _check_run_dir() -> None:
+    """Hydra creates the run dir before our task runs, and fails there with a traceback:
+    check it first (the literal part of hydra.run.dir, or ./outputs by default)."""
+    if {"-m", "--multirun"} & set(sys.argv):
+        return
+    value = next((a.split("=", 1)[1] for a in reversed(sys.argv) if a.startswith("hydra.run.dir=")), "outputs")
+    path = Path(value.split("${")[0] or ".").expanduser().absolute()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        problem = f"{existing} is not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} is not writable"
+    else:
+        return
+    print(f"config error: hydra.run.dir: cannot create the run directory {path} ({problem}); "
+          "choose another hydra.run.dir=PATH", file=sys.stderr)
+    sys.exit(2)
+
+
 def main() -> None:
     register_schemas()
+    _check_run_dir()
     if launched_by_env() and {"-m", "--multirun"} & set(sys.argv):
         print("config error: -m/--multirun under torchrun or srun would run the whole sweep on every rank; "
               "run the sweep without torchrun (each job self-launches its workers)", file=sys.stderr)

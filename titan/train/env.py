@@ -11,6 +11,8 @@ import torch.distributed as dist
 
 from titan.config.schema import AsyncMode, Device, TrainConfig
 from titan.profiling import enable_flight_recorder
+from titan.train import slurm
+from titan.train.agree import drop_agreement_group, init_agreement_group
 
 
 @dataclass(frozen=True)
@@ -50,20 +52,27 @@ def accelerator_runtime() -> str:
 
 
 def launched_by_env() -> bool:
-    """True under torchrun / the elastic agent / srun, which set rank and world size."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ or "SLURM_PROCID" in os.environ
+    """True under torchrun / the elastic agent, or as one of several tasks srun started: rank
+    and world size come from the environment. False in a one-task Slurm step (an sbatch batch
+    script, a submitit job), which self-launches its workers."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ or slurm.is_slurm_rank()
+
+
+def env_world_size() -> int:
+    """The job's world size when launched_by_env()."""
+    return int(os.environ.get("WORLD_SIZE") or slurm.step_tasks())
+
+
+def env_local_world_size() -> int:
+    """Ranks on this machine when launched_by_env()."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or (slurm.tasks_on_this_node() if slurm.is_slurm_rank() else 1))
 
 
 def _from_slurm() -> None:
     """srun starts one task per rank but sets SLURM_* rather than torch's variables."""
-    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+    if "RANK" in os.environ or not slurm.is_slurm_rank():
         return
-    os.environ["RANK"] = os.environ["SLURM_PROCID"]
-    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
-    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-    os.environ.setdefault("MASTER_PORT", "29500")
-    if "MASTER_ADDR" not in os.environ:
-        raise RuntimeError("under srun, export MASTER_ADDR (first host of $SLURM_JOB_NODELIST); see scripts/slurm.sbatch")
+    os.environ.update(slurm.torch_env_from_slurm())
 
 
 def _restart_store(rank: int, world: int, timeout_s: int) -> dict:
@@ -102,6 +111,7 @@ def setup_rank(cfg: TrainConfig) -> RankEnv:
             device_id=device if device_type == "cuda" else None,
             **_restart_store(rank, world, cfg.parallel.timeout_s),
         )
+        init_agreement_group()
     elif world == 1 and cfg.checkpoint.async_mode is AsyncMode.process and not dist.is_initialized():
         # DCP's process-mode async save talks to its saver process through a process group.
         from titan.train.launch import free_port
@@ -113,6 +123,7 @@ def setup_rank(cfg: TrainConfig) -> RankEnv:
 
 
 def teardown_rank() -> None:
+    drop_agreement_group()
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -6,13 +6,15 @@ the typed (picklable) config, never a DictConfig, and never run Hydra themselves
 
 from __future__ import annotations
 
+import os
 import socket
 import uuid
 from pathlib import Path
 from typing import Optional
 
 from titan.config.schema import Launcher, TrainConfig
-from titan.train.env import launched_by_env
+from titan.train import interrupt
+from titan.train.env import env_local_world_size, env_world_size, launched_by_env
 
 
 def free_port() -> int:
@@ -54,31 +56,54 @@ def spawn_workers(cfg: TrainConfig, max_restarts: int = 0) -> Optional[float]:
         start_method="spawn",
         monitor_interval=0.1,
         log_line_prefix_template="[rank${rank}]",
+        # SIGINT stays ours (titan.train.interrupt): Ctrl-C reaches the workers, which stop cleanly.
+        signals_to_handle="SIGTERM,SIGHUP,SIGQUIT",
         # Every rank's stdout/stderr goes to logs/; rank 0 is also shown on the console.
         logs_specs=DefaultLogsSpecs(log_dir=str(log_dir), redirects=Std.ALL, tee={0: Std.ALL}),
     )
     try:
-        results = elastic_launch(launch_cfg, run_worker)(cfg)
+        with interrupt.launcher_handling():
+            results = elastic_launch(launch_cfg, run_worker)(cfg)
     except ChildFailedError as err:
+        if interrupt.requested():
+            raise interrupt.Interrupted(_interrupted_message(cfg)) from None
         raise WorkerFailed(_first_failure(err)) from None
     return results[0]
+
+
+def _interrupted_message(cfg: TrainConfig) -> str:
+    from titan.checkpoint import complete_checkpoints
+
+    if cfg.checkpoint.interval <= 0:
+        return "stopped by Ctrl-C (checkpointing is off: set checkpoint.interval=N to be able to resume)"
+    found = complete_checkpoints(Path(cfg.run_dir) / "checkpoints")
+    if not found:
+        return "stopped by Ctrl-C before any checkpoint was saved"
+    return f"stopped by Ctrl-C; latest checkpoint {found[-1]}: run the same command (hydra.run.dir={cfg.run_dir}) to resume"
 
 
 def launch(cfg: TrainConfig) -> Optional[float]:
     """Run the job; returns rank 0's final validation loss (what an Optuna sweep minimises)."""
     from titan.train.worker import run_worker
 
-    if cfg.parallel.launcher is Launcher.env or (cfg.parallel.launcher is Launcher.auto and launched_by_env()):
-        return run_worker(cfg)
-    from titan.data import build_tokenizer
+    from titan.train.preflight import preflight
 
-    if cfg.fault_tolerance.enabled:  # a lighthouse and each replica group, restartable
+    if cfg.parallel.launcher is Launcher.env or (cfg.parallel.launcher is Launcher.auto and launched_by_env()):
+        rank = int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
+        preflight(cfg, env_world_size(), env_local_world_size(), announce=rank == 0)
+        result = run_worker(cfg)
+    elif cfg.fault_tolerance.enabled:  # a lighthouse and each replica group, restartable
         from titan.fault_tolerance import launch_replica_groups
 
-        build_tokenizer(cfg.tokenizer)
-        launch_replica_groups(cfg, spawn_workers)
-        return None
-    if cfg.parallel.nproc_per_node == 1:
-        return run_worker(cfg)
-    build_tokenizer(cfg.tokenizer)  # train/cache the default tokenizer once, before the ranks start
-    return spawn_workers(cfg)
+        groups = cfg.fault_tolerance.replica_groups
+        preflight(cfg, cfg.parallel.nproc_per_node, cfg.parallel.nproc_per_node * groups)
+        result = launch_replica_groups(cfg, spawn_workers)
+    elif cfg.parallel.nproc_per_node == 1:
+        preflight(cfg, 1, 1)
+        result = run_worker(cfg)
+    else:
+        preflight(cfg, cfg.parallel.nproc_per_node, cfg.parallel.nproc_per_node)
+        result = spawn_workers(cfg)
+    if interrupt.requested():
+        raise interrupt.Interrupted(_interrupted_message(cfg))
+    return result

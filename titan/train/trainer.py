@@ -11,13 +11,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from titan.checkpoint import Checkpointer, load_state
+from titan.checkpoint import Checkpointer, restore
 from titan.config.schema import NanCheck, TrainConfig
 from titan.fault_tolerance import build_fault_tolerance
 from titan.metrics import MetricsLogger, Throughput, peak_flops, peak_memory_gib, reset_peak_memory
 from titan.profiling import NonFiniteLoss, StepProfiler
 from titan.train.build import Components, build_components, summed_ce
 from titan.train.env import RankEnv
+from titan.train.interrupt import stop_agreed
 from titan.train.weights import export_hf, load_initial_weights, save_seed_checkpoint
 
 log = logging.getLogger("titan")
@@ -30,9 +31,7 @@ class Trainer:
         self.checkpointer = Checkpointer(cfg.checkpoint, cfg.run_dir)
         resume = self.checkpointer.resume_path()
         if resume is not None:
-            state = self.c.state.state_dict()
-            load_state(state, resume)
-            self.c.state.load_state_dict(state)
+            restore(self.c.state, resume)
             log.info("resumed from %s at step %d", resume, self.c.state.step)
         elif cfg.checkpoint.initial_load:
             load_initial_weights(self.c.model, cfg.checkpoint.initial_load, self.c.args)
@@ -129,6 +128,9 @@ class Trainer:
         reset_peak_memory(self.env.device)
         started = time.perf_counter()
         while state.step < last:
+            if stop_agreed():  # Ctrl-C on any rank: every rank stops here, at the same step
+                self.checkpointer.save_on_interrupt(state, state.step)
+                break
             if self.ft is not None:  # the quorum for this step; a group behind heals here
                 self.ft.start_step()
             state.step += 1

@@ -4,11 +4,13 @@ so that spawned workers can find it."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 from titan.config.schema import TrainConfig
+from titan.train import interrupt
 from titan.train.env import setup_rank, teardown_rank
 
 
@@ -29,6 +31,19 @@ def _configure_logging(rank: int) -> None:
 
 
 def run_worker(cfg: TrainConfig) -> Optional[float]:
+    try:
+        with interrupt.rank_handling():
+            return _run(cfg)
+    except KeyboardInterrupt:
+        if "TORCHELASTIC_RUN_ID" not in os.environ:
+            raise  # in the CLI's process: it reports the interrupt
+        # A spawned worker: end quietly (the launching process reports the interrupt).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(interrupt.EXIT_CODE)
+
+
+def _run(cfg: TrainConfig) -> Optional[float]:
     from titan.metrics import write_summary
     from titan.train.trainer import Trainer
 
