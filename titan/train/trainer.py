@@ -59,7 +59,7 @@ class Trainer:
                 continue
             with self.c.forward_context():
                 loss = self.loss_fn(model(inputs, positions=positions), labels)
-                loss.backward()
+                self.c.with_aux_loss(loss).backward()
             total += self.c.parallel.plain_loss(loss.detach())
         grad_norm = float(self.c.clip_grad_norm(self.cfg.optim.max_norm))
         loss = self.c.mean_over_dp(total)
@@ -131,6 +131,7 @@ class Trainer:
             if state.step % interval == 0 or state.step == last or state.step == 1:
                 record = {"step": state.step, "loss": loss, "grad_norm": grad_norm, "lr": self.c.scheduler.get_last_lr()[0]}
                 record.update(self.throughput.measure())
+                record.update(self.c.model_metrics())
                 record.update(
                     checkpoint_block_s=self.checkpointer.take_blocked(),
                     memory_gib=peak_memory_gib(self.env.device),
@@ -157,6 +158,7 @@ class Trainer:
             "tokens_seen": state.step * self.tokens_per_step,
             "wall_s": time.perf_counter() - started,
             "params": self.c.n_params,
+            "active_params": self.c.n_active_params,
             "flops_per_token": self.c.flops_per_token,
             "world_size": self.env.world_size,
         }
