@@ -63,7 +63,7 @@ class Router(nn.Module):
         select = scores + self.expert_bias if self.args.bias_update_rate > 0 else scores
         ids = select.topk(self.args.top_k, dim=-1).indices
         weights = scores.gather(-1, ids)
-        if self.args.norm_topk and self.args.top_k > 1:
+        if self.args.norm_topk:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         return ids, weights * self.args.route_scale, scores
 
