@@ -119,6 +119,7 @@ class ParallelConfig:
     cp: int = 1
     tp: int = 1
     pp: int = 1
+    ep: int = 1  # expert parallel: borrowed from dp_shard (ep must divide it); MoE models only
     # FSDP2
     fsdp: bool = True  # shard with fully_shard over dp_shard (False with dp_shard=1 => DDP)
     reshard_after_forward: ReshardAfterForward = ReshardAfterForward.default

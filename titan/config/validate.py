@@ -42,7 +42,8 @@ def validate_family_layout(cfg: TrainConfig, world_size: int) -> None:
     from titan.parallel.mesh import resolve_degrees
 
     family = get_family(cfg.model.family)
-    for dim, degree in resolve_degrees(cfg.parallel, world_size).items():
+    degrees = {**resolve_degrees(cfg.parallel, world_size), "ep": cfg.parallel.ep}
+    for dim, degree in degrees.items():
         _require(
             degree == 1 or dim in family.parallel_dims,
             f"parallel.{dim}",

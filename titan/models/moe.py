@@ -92,7 +92,9 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden))  # down
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        return grouped_swiglu(x, counts, self.w1, self.w2, self.w3, self.grouped_mm)
+        # Under expert parallelism the weights are sharded DTensors: compute on this rank's experts.
+        w1, w2, w3 = (w.to_local() if hasattr(w, "to_local") else w for w in (self.w1, self.w2, self.w3))
+        return grouped_swiglu(x, counts, w1, w2, w3, self.grouped_mm)
 
     def init_weights(self, std: float, out_std: float, generator: Optional[torch.Generator] = None) -> None:
         _trunc_normal(self.w1, std, generator)
