@@ -129,3 +129,17 @@ def test_import_from_transformers_matches_logits(tmp_path):
     tokens = torch.randint(0, 96, (2, 16))
     with torch.no_grad():
         assert torch.allclose(ours.eval()(tokens), theirs(tokens).logits, atol=1e-5)
+
+
+def test_dry_run_and_plan_report_active_parameters():
+    from titan.plan import plan
+    from titan.train.dry_run import dry_run
+
+    cfg = compose_typed("model=qwen3_30b_a3b", "training.dry_run=true")
+    report = dry_run(cfg)
+    assert report["params"] == 30_532_122_624 and report["active_params"] == 3_353_032_704
+    # MFU counts active FLOPs: 6 x active matmul parameters (+ attention), far below 6 x total.
+    assert report["flops_per_token"] < 6 * 3.4e9 + 1e9
+    p = plan(compose_typed("model=qwen3_30b_a3b", "parallel=fsdp_ep", "parallel.nproc_per_node=8"), world_size=8)
+    assert p.active_params == report["active_params"]
+    assert p.communication["ep: token all-to-all (dispatch + combine)"] > 0
