@@ -29,7 +29,7 @@ from titan.config.schema import (
     ReshardAfterForward,
     TrainConfig,
 )
-from titan.models import LlamaArgs, build_model, count_params, flops_per_token, model_args
+from titan.models import LlamaArgs, active_params, build_model, count_params, flops_per_token, model_args
 
 GIB = 1024**3
 DTYPE_BYTES = {DType.float32: 4, DType.bfloat16: 2, DType.float16: 2}
@@ -596,6 +596,7 @@ class Plan:
     usable_memory: float
     fits: bool
     notes: list[str]
+    active_params: int = 0  # parameters one token uses (MoE: the routed experts it picks)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -669,6 +670,15 @@ def plan(
     worst = max(memories, key=lambda m: m.peak)
     comms = [communication(args, shapes, cfg, layout, r, tokens, accum, n_mb) for r in ranks]
     comm = {k: max(c.get(k, 0.0) for c in comms) for k in comms[0]}
+    moe = getattr(args, "moe", None)
+    if moe is not None and p.ep > 1:  # dispatch + combine, forward and backward, every MoE layer
+        moe_layers = sum(args.is_moe_layer(i) for i in range(args.n_layers)) / layout.pp
+        act = DTYPE_BYTES[cfg.precision.param_dtype]
+        comm["ep: token all-to-all (dispatch + combine)"] = (
+            4 * accum * n_mb * moe_layers * tokens * moe.top_k * args.dim * act * (p.ep - 1) / p.ep
+        )
+        notes.append(f"ep={p.ep}: expert weights are sharded over ep only (replicated over dp_shard / ep); "
+                     "the memory estimate above shards every parameter over dp_shard")
     detail = block_saved_bytes(args, tokens, DTYPE_BYTES[cfg.precision.param_dtype], layout, cpu)
 
     fpt = flops_per_token(args, shapes.total, t.seq_len)
@@ -708,4 +718,5 @@ def plan(
         usable_memory=usable,
         fits=worst.peak <= usable,
         notes=notes,
+        active_params=active_params(args, shapes.total),
     )

@@ -48,6 +48,34 @@ class ModelConfig:
     init_std: float = 0.02
     # The context the model is made for (exported as HF max_position_embeddings); None: training.seq_len.
     context_len: Optional[int] = None
+    # Model family (titan.models.registry): which module, TP plan, HF adapter and counts.
+    family: str = "llama3"
+    head_dim: Optional[int] = None  # None: dim // n_heads (Qwen3 sets it explicitly)
+    ffn_hidden: Optional[int] = None  # explicit FFN hidden size; None: Llama's sizing rule
+    qk_norm: bool = False  # RMSNorm of each query/key head before RoPE (Qwen3)
+    moe: "MoEConfig" = field(default_factory=lambda: MoEConfig())
+
+
+class RouterScore(str, Enum):
+    softmax = "softmax"  # Qwen3-MoE, Mixtral
+    sigmoid = "sigmoid"  # DeepSeek-V3
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-experts feed-forward (titan.models.moe); num_experts=0: dense model."""
+
+    num_experts: int = 0
+    top_k: int = 2
+    expert_hidden: int = 0  # hidden size of one routed expert
+    n_shared_experts: int = 0  # always-on experts (DeepSeek), summed with the routed output
+    score: RouterScore = RouterScore.softmax
+    norm_topk: bool = True  # renormalise the k selected weights to sum to 1
+    route_scale: float = 1.0  # multiplies the routing weights (DeepSeek-V3: 2.5)
+    aux_loss_coef: float = 0.0  # load-balancing loss (Switch / Qwen3-MoE), added to the training loss
+    bias_update_rate: float = 0.0  # aux-loss-free balancing (DeepSeek-V3); 0 disables it
+    n_dense_layers: int = 0  # the first layers keep a dense FFN (DeepSeek-V3: 3)
+    grouped_mm: bool = True  # torch._grouped_mm for the experts; false: a loop over experts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,6 +121,7 @@ class ParallelConfig:
     cp: int = 1
     tp: int = 1
     pp: int = 1
+    ep: int = 1  # expert parallel: borrowed from dp_shard (ep must divide it); MoE models only
     # FSDP2
     fsdp: bool = True  # shard with fully_shard over dp_shard (False with dp_shard=1 => DDP)
     reshard_after_forward: ReshardAfterForward = ReshardAfterForward.default

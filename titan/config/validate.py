@@ -21,13 +21,36 @@ def _require(ok: bool, key: str, message: str) -> None:
 def validate_model(cfg: TrainConfig) -> None:
     m = cfg.model
     _require(m.dim > 0 and m.n_layers > 0 and m.n_heads > 0, "model", "dim, n_layers and n_heads must be positive")
-    _require(m.dim % m.n_heads == 0, "model.n_heads", f"n_heads={m.n_heads} must divide dim={m.dim}")
-    _require((m.dim // m.n_heads) % 2 == 0, "model.n_heads", f"head_dim={m.dim // m.n_heads} must be even for RoPE")
+    if m.head_dim is None:  # derived from dim
+        _require(m.dim % m.n_heads == 0, "model.n_heads", f"n_heads={m.n_heads} must divide dim={m.dim}")
+        _require((m.dim // m.n_heads) % 2 == 0, "model.n_heads", f"head_dim={m.dim // m.n_heads} must be even for RoPE")
+    else:
+        _require(m.head_dim > 0 and m.head_dim % 2 == 0, "model.head_dim", f"{m.head_dim} must be positive and even for RoPE")
     kv = m.n_kv_heads or m.n_heads
     _require(kv > 0 and m.n_heads % kv == 0, "model.n_kv_heads", f"n_kv_heads={kv} must divide n_heads={m.n_heads}")
     _require(m.vocab_size == -1 or m.vocab_size > 0, "model.vocab_size", "must be positive, or -1 to take it from the tokenizer")
     _require(m.multiple_of > 0, "model.multiple_of", "must be positive")
     _require(m.context_len is None or m.context_len > 0, "model.context_len", "must be positive, or null for training.seq_len")
+    from titan.models.registry import get_family
+
+    family = get_family(m.family)  # an unknown family names model.family and the known ones
+    if family.validate is not None:
+        family.validate(m)
+
+
+def validate_family_layout(cfg: TrainConfig, world_size: int) -> None:
+    """Refuse parallel dims the model family has no plan for."""
+    from titan.models.registry import get_family
+    from titan.parallel.mesh import resolve_degrees
+
+    family = get_family(cfg.model.family)
+    degrees = {**resolve_degrees(cfg.parallel, world_size), "ep": cfg.parallel.ep}
+    for dim, degree in degrees.items():
+        _require(
+            degree == 1 or dim in family.parallel_dims,
+            f"parallel.{dim}",
+            f"model family {family.name} does not support {dim} > 1 yet (it supports {', '.join(sorted(family.parallel_dims))}); set parallel.{dim}=1",
+        )
 
 
 def validate_training(cfg: TrainConfig) -> None:
@@ -154,6 +177,7 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
     validate_checkpoint(cfg)
     validate_logging(cfg)
     validate_parallel_names(cfg)
+    validate_family_layout(cfg, world_size)
     from titan.fault_tolerance import validate_fault_tolerance
     from titan.parallel.mesh import validate_layout
     from titan.precision import validate_precision

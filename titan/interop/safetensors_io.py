@@ -58,7 +58,8 @@ def save_hf(out_dir: str | Path, state_dict: dict[str, torch.Tensor], args: Llam
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in to_hf(state_dict, args).items()}
+    adapter = _hf_adapter(args)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in adapter.to_hf(state_dict, args).items()}
     # Leftover weight files from an earlier export would mix with these: remove them first.
     for old in out_dir.iterdir():
         if _STALE.match(old.name):
@@ -79,7 +80,7 @@ def save_hf(out_dir: str | Path, state_dict: dict[str, torch.Tensor], args: Llam
         (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         written.append(out_dir / INDEX_FILE)
     dtype = next(iter(tensors.values())).dtype
-    config = hf_config(args, dtype, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+    config = adapter.hf_config(args, dtype, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
     (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     written.append(out_dir / CONFIG_FILE)
     if bos_token_id is not None or eos_token_id is not None:
@@ -136,5 +137,19 @@ def load_hf(model_dir: str | Path) -> tuple[dict[str, torch.Tensor], LlamaArgs]:
     model_dir = Path(model_dir)
     if not (model_dir / CONFIG_FILE).is_file():
         raise ConversionError(f"{model_dir}: no {CONFIG_FILE}, so not a Hugging Face model directory")
-    args = args_from_hf_config(_read_json(model_dir / CONFIG_FILE))
-    return from_hf(read_hf_tensors(model_dir), args), args
+    config = _read_json(model_dir / CONFIG_FILE)
+    from titan.models.registry import family_for_hf_config
+
+    adapter = family_for_hf_config(config).hf  # by model_type: llama, qwen3, qwen3_moe
+    args = adapter.args_from_hf_config(config)
+    return adapter.from_hf(read_hf_tensors(model_dir), args), args
+
+
+def _hf_adapter(args):
+    """The Hugging Face adapter of the model family `args` belong to."""
+    from titan.models.registry import family_of
+
+    family = family_of(args)
+    if family.hf is None:
+        raise ConversionError(f"model family {family.name} has no Hugging Face adapter")
+    return family.hf

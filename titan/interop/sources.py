@@ -25,8 +25,8 @@ from titan.interop.dcp_io import (
 )
 from titan.interop.errors import ConversionError
 from titan.interop.safetensors_io import CONFIG_FILE, load_hf
-from titan.models import model_args
-from titan.models.llama3 import Llama3, LlamaArgs
+from titan.models import build_model, model_args
+from titan.models.llama3 import LlamaArgs
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "conf" / "model"
 HYDRA_CONFIG = Path(".hydra") / "config.yaml"
@@ -87,7 +87,7 @@ def _vocab_from(state_dict: dict[str, torch.Tensor]) -> int:
 def check_shapes(state_dict: dict[str, torch.Tensor], args: LlamaArgs, source: str) -> None:
     """Every tensor present and shaped as `args` says; the error names the first misfit."""
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in Llama3(args).state_dict().items()}
+        expected = {k: tuple(v.shape) for k, v in build_model(args).state_dict().items()}
     missing = sorted(set(expected) - set(state_dict))
     extra = sorted(set(state_dict) - set(expected))
     if missing or extra:

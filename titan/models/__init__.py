@@ -1,28 +1,37 @@
-"""Model registry: a `model=` preset's fields -> model args -> a model on the meta device."""
+"""Models: a `model=` preset's fields -> its family's args -> a model on the meta device.
+
+The family (`model.family`, see `titan.models.registry`) decides the module, the counts and the
+Hugging Face adapter; these functions dispatch to it so callers never name an architecture."""
 
 from __future__ import annotations
-
-import dataclasses
 
 import torch
 
 from titan.config.schema import ModelConfig
-from titan.models.llama3 import Llama3, LlamaArgs, count_params, flops_per_token
+from titan.models.llama3 import Llama3, LlamaArgs
+from titan.models.llama3 import flops_per_token as _dense_flops_per_token
+from titan.models.registry import count_params, family_of, get_family
 
 
-def model_args(cfg: ModelConfig, vocab_size: int, seq_len: int) -> LlamaArgs:
+def model_args(cfg: ModelConfig, vocab_size: int, seq_len: int):
     """`vocab_size` is used when the preset says -1 (take it from the tokenizer)."""
-    fields = {f.name for f in dataclasses.fields(LlamaArgs)}
-    values = {k: v for k, v in dataclasses.asdict(cfg).items() if k in fields}
-    values["vocab_size"] = cfg.vocab_size if cfg.vocab_size > 0 else vocab_size
-    values["max_seq_len"] = seq_len
-    return LlamaArgs(**values)
+    return get_family(cfg.family).args_from_config(cfg, vocab_size, seq_len)
 
 
-def build_model(args: LlamaArgs) -> Llama3:
+def build_model(args) -> torch.nn.Module:
     """Parameters on the meta device: nothing is allocated until the parallel layer shards it."""
     with torch.device("meta"):
-        return Llama3(args)
+        return family_of(args).module_class(args)
 
 
-__all__ = ["Llama3", "LlamaArgs", "build_model", "count_params", "flops_per_token", "model_args"]
+def active_params(args, n_params: int) -> int:
+    """Parameters one token passes through (all of them for a dense model)."""
+    return family_of(args).active_params(args, n_params)
+
+
+def flops_per_token(args, n_params: int, seq_len: int) -> float:
+    """Training FLOPs per token from the *active* parameters (see llama3.flops_per_token)."""
+    return _dense_flops_per_token(args, active_params(args, n_params), seq_len)
+
+
+__all__ = ["Llama3", "LlamaArgs", "active_params", "build_model", "count_params", "flops_per_token", "model_args"]

@@ -8,7 +8,7 @@ must be its own tokens' mean (see `Parallel.loss_divisor`).
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -44,6 +44,7 @@ def apply_fsdp(
     reduce_dtype=torch.float32,
     reshard_after_forward: ReshardAfterForward = ReshardAfterForward.default,
     cpu_offload: bool = False,
+    ignored_params: Optional[set] = None,
 ) -> nn.Module:
     """Shard `model` over `dp_mesh` (1-D: FSDP; 2-D (replicate, shard): HSDP), in place.
 
@@ -52,6 +53,8 @@ def apply_fsdp(
     a tied embedding). `default` resharding keeps the last groups gathered after forward
     because backward needs them first; pipeline stages should pass `always`."""
     kwargs = dict(mesh=dp_mesh, mp_policy=_mp_policy(param_dtype, reduce_dtype))
+    if ignored_params:  # e.g. expert-parallel experts, sharded and reduced on their own mesh
+        kwargs["ignored_params"] = ignored_params
     if cpu_offload:
         # Pinned memory needs an accelerator; on a CPU-only run it raises.
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=dp_mesh.device_type == "cuda")

@@ -106,6 +106,9 @@ def validate_layout(cfg, world_size: int) -> None:
         compile_mode = getattr(cfg.compile.mode, "value", cfg.compile.mode)
         if compile_mode == "off":
             raise ConfigError("parallel.async_tp", "async TP is a torch.compile pass; set compile.mode=block or model")
+    from titan.parallel.expert import validate_ep
+
+    validate_ep(cfg, deg)  # ep borrows from dp_shard
     validate_cp(t.seq_len, cp)  # load balancing splits the sequence into 2 x cp chunks
     if pp > 1:  # schedule vs. stages per rank, layer split, microbatch count, untied embedding
         from titan.parallel.pipeline import validate_pipeline

@@ -79,7 +79,8 @@ def _size(x: float) -> str:
 def format_plan(p) -> str:
     lay = p.layout
     lines = [
-        f"{p.model}: {p.n_params:,} parameters ({p.n_params / 1e9:.2f}B)",
+        f"{p.model}: {p.n_params:,} parameters ({p.n_params / 1e9:.2f}B)"
+        + (f", {p.active_params:,} active per token ({p.active_params / 1e9:.2f}B)" if p.active_params and p.active_params != p.n_params else ""),
         f"layout: world {p.world_size} = pp {lay['pp']} x dp_replicate {lay['dp_replicate']} x dp_shard {lay['dp_shard']}"
         f" x cp {lay['cp']} x tp {lay['tp']} ({'FSDP' if lay['fsdp'] else 'no FSDP'})",
         f"batch: seq_len {p.seq_len}, micro-batch {p.micro_batch_size}, global {p.global_batch_size}, "

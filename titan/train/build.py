@@ -21,6 +21,8 @@ from titan.config.schema import TrainConfig
 from titan.data import build_data, build_tokenizer
 from titan.fault_tolerance import replica_groups
 from titan.models import LlamaArgs, build_model, count_params, flops_per_token, model_args
+from titan.models import LlamaArgs, active_params, build_model, count_params, flops_per_token, model_args
+from titan.models import moe
 from titan.optim import build_lr_scheduler, build_optimizer
 from titan.parallel import build_parallel
 from titan.parallel.context_parallel import cp_inputs
@@ -46,6 +48,8 @@ class Components:
     accum_steps: int
     tokens_per_rank: int
     pipeline: Optional[Any] = None  # titan.parallel.pipeline.Pipeline when parallel.pp > 1
+    n_active_params: int = 0  # parameters one token uses (MoE: fewer than n_params)
+    expert_load: Optional[list] = None  # tokens per expert of the last step, one tensor per MoE layer
 
     @contextlib.contextmanager
     def forward_context(self):
@@ -65,6 +69,18 @@ class Components:
 
     def after_optimizer_step(self) -> None:
         self.precision.after_optimizer_step(self.model)
+        # MoE: the aux-loss-free bias update uses the load of the step just taken.
+        self.expert_load = [layer.update_bias() for layer in moe.moe_layers(self.model)]
+
+    def with_aux_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to differentiate: the model's auxiliary losses (MoE load balancing) of the
+        forward just run are added, as a mean over the micro-batches of a step."""
+        aux = moe.aux_loss(self.model)
+        return loss if aux is None else loss + aux / self.accum_steps
+
+    def model_metrics(self) -> dict[str, float]:
+        """Model-specific metrics of the last step (MoE: per-expert load)."""
+        return moe.load_metrics(self.expert_load or [])
 
     def mean_over_dp(self, value: torch.Tensor) -> float:
         return self.parallel.mean_over_dp(value)
@@ -128,6 +144,7 @@ def build_components(cfg: TrainConfig, env: RankEnv) -> Components:
         accum_steps=accum_steps,
         tokens_per_rank=tokens_per_rank,
         pipeline=pipeline,
+        n_active_params=active_params(args, n_params),
     )
     if pipeline is not None:
         pipeline.loss_context = components.forward_context  # loss parallel + autocast per schedule step

@@ -62,7 +62,7 @@ class Trainer:
                 continue
             with self.c.forward_context():
                 loss = self.loss_fn(model(inputs, positions=positions), labels)
-                loss.backward()
+                self.c.with_aux_loss(loss).backward()
             total += self.c.parallel.plain_loss(loss.detach())
         if self.ft is not None:  # mean over the live replica groups
             self.ft.average_gradients(model)
@@ -148,6 +148,7 @@ class Trainer:
                 record.update(self.throughput.measure())
                 if self.ft is not None:
                     record.update(self.ft.metrics())
+                record.update(self.c.model_metrics())
                 record.update(
                     checkpoint_block_s=self.checkpointer.take_blocked(),
                     memory_gib=peak_memory_gib(self.env.device),
@@ -176,6 +177,7 @@ class Trainer:
             "tokens_seen": state.step * self.tokens_per_step,
             "wall_s": time.perf_counter() - started,
             "params": self.c.n_params,
+            "active_params": self.c.n_active_params,
             "flops_per_token": self.c.flops_per_token,
             "world_size": self.env.world_size,
         }

@@ -1,0 +1,87 @@
+"""The Qwen3 family (dense and MoE) and a DeepSeek-V3-style MoE family on the same module.
+
+`model.family=qwen3` (presets qwen3_*): QK-norm attention, dense or MoE FFN, Hugging Face
+Qwen3ForCausalLM / Qwen3MoeForCausalLM adapter. `model.family=deepseek_v3` (presets
+deepseek_v3_*): the same decoder with DeepSeek-V3's MoE (shared experts, sigmoid routing, bias
+balancing, first layers dense) and grouped-query attention in place of MLA; no HF adapter.
+"""
+
+from __future__ import annotations
+
+from titan.config.errors import ConfigError
+from titan.models.moe import MoEArgs
+from titan.models.qwen3 import hf as qwen3_hf
+from titan.models.qwen3.model import DeepSeekV3Args, Qwen3, Qwen3Args, active_params
+from titan.models.registry import Family, args_from_fields, register
+
+
+def _moe_args(cfg) -> MoEArgs | None:
+    m = cfg.moe
+    if m.num_experts <= 0:
+        return None
+    return MoEArgs(
+        num_experts=m.num_experts,
+        top_k=m.top_k,
+        expert_hidden=m.expert_hidden,
+        n_shared_experts=m.n_shared_experts,
+        score=getattr(m.score, "value", m.score),
+        norm_topk=m.norm_topk,
+        route_scale=m.route_scale,
+        aux_loss_coef=m.aux_loss_coef,
+        bias_update_rate=m.bias_update_rate,
+        n_dense_layers=m.n_dense_layers,
+        grouped_mm=m.grouped_mm,
+    )
+
+
+def _args_builder(args_class):
+    def build(cfg, vocab_size: int, seq_len: int):
+        return args_from_fields(
+            args_class, cfg, vocab_size, seq_len,
+            explicit_head_dim=cfg.head_dim, intermediate_size=cfg.ffn_hidden, qk_norm=cfg.qk_norm, moe=_moe_args(cfg),
+        )
+
+    return build
+
+
+def validate_moe(cfg) -> None:
+    """MoE fields that cannot work; each error names the key."""
+    m = cfg.moe
+    if m.num_experts <= 0:
+        return
+    if not 0 < m.top_k <= m.num_experts:
+        raise ConfigError("model.moe.top_k", f"{m.top_k} must be in 1..num_experts={m.num_experts}")
+    if m.expert_hidden <= 0:
+        raise ConfigError("model.moe.expert_hidden", "must be positive with num_experts > 0 (the hidden size of one expert)")
+    if not 0 <= m.n_dense_layers <= cfg.n_layers:
+        raise ConfigError("model.moe.n_dense_layers", f"{m.n_dense_layers} must be in 0..n_layers={cfg.n_layers}")
+    if m.aux_loss_coef < 0 or m.bias_update_rate < 0:
+        raise ConfigError("model.moe", "aux_loss_coef and bias_update_rate must be >= 0")
+
+
+# Tensor and pipeline parallelism have no plan for QK-norm / MoE blocks yet: refused before launch.
+_DIMS = frozenset({"dp_replicate", "dp_shard", "cp", "ep"})
+
+QWEN3 = register(
+    Family(
+        name="qwen3",
+        args_class=Qwen3Args,
+        module_class=Qwen3,
+        args_from_config=_args_builder(Qwen3Args),
+        active_params=active_params,
+        hf=qwen3_hf,
+        validate=validate_moe,
+        parallel_dims=_DIMS,
+    )
+)
+DEEPSEEK_V3 = register(
+    Family(
+        name="deepseek_v3",
+        args_class=DeepSeekV3Args,
+        module_class=Qwen3,
+        args_from_config=_args_builder(DeepSeekV3Args),
+        active_params=active_params,
+        validate=validate_moe,
+        parallel_dims=_DIMS,
+    )
+)
