@@ -205,6 +205,7 @@ class DataSource(str, Enum):
     embedded = "embedded"  # Python's own sources and pydoc topics: no download
     files = "files"  # local .txt / .jsonl / .parquet by glob
     hf = "hf"  # Hugging Face `datasets` by name (streaming)
+    tokens = "tokens"  # a token store written by `python -m titan.tools.prepare_data`
 
 
 @dataclass
@@ -216,6 +217,7 @@ class DataConfig:
     text_field: str = "text"
     val_fraction: float = 0.05  # share of documents held out for validation
     max_documents: Optional[int] = None  # cap (quick experiments)
+    shuffle: bool = True  # false: documents (token store: windows) in source order every epoch
 
 
 class TokenizerKind(str, Enum):

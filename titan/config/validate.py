@@ -63,6 +63,10 @@ def validate_data(cfg: TrainConfig) -> None:
     d, tok = cfg.data, cfg.tokenizer
     if d.source in (DataSource.files, DataSource.hf):
         _require(bool(d.path), "data.path", f"data.source={d.source.value} needs data.path (a glob or dataset name)")
+    if d.source is DataSource.tokens:
+        from titan.data.store import check_store_path
+
+        check_store_path(d.path)
     _require(0 < d.val_fraction < 1, "data.val_fraction", "must be in (0, 1)")
     if tok.kind is not TokenizerKind.default:
         _require(bool(tok.path), "tokenizer.path", f"tokenizer.kind={tok.kind.value} needs tokenizer.path")

@@ -23,9 +23,26 @@ import numpy as np
 import torch
 
 from titan.config.errors import ConfigError
-from titan.config.schema import DataConfig
+from titan.config.schema import DataConfig, DataSource
 from titan.data.sources import load_documents
 from titan.data.tokenizer import Tokenizer
+
+
+def check_batch_layout(seq_len: int, global_batch_size: int, micro_batch_size: int, dp_rank: int,
+                       dp_world: int) -> int:
+    """This rank's share of the global batch (sequences), after checking the sizes fit."""
+    if seq_len < 1:
+        raise ConfigError("training.seq_len", f"must be >= 1, got {seq_len}")
+    if global_batch_size < 1 or global_batch_size % dp_world:
+        raise ConfigError("training.global_batch_size", f"{global_batch_size} is not a "
+                          f"positive multiple of the data-parallel degree {dp_world}")
+    local = global_batch_size // dp_world
+    if micro_batch_size < 1 or local % micro_batch_size:
+        raise ConfigError("training.micro_batch_size", f"{micro_batch_size} must divide the "
+                          f"per-rank batch global_batch_size / dp = {local}")
+    if not 0 <= dp_rank < dp_world:
+        raise ValueError(f"dp_rank {dp_rank} is outside [0, {dp_world})")
+    return local
 
 
 class TokenLoader:
@@ -50,17 +67,7 @@ class TokenLoader:
         infinite: bool = True,
         shuffle: bool = True,
     ):
-        if seq_len < 1:
-            raise ConfigError("training.seq_len", f"must be >= 1, got {seq_len}")
-        if global_batch_size < 1 or global_batch_size % dp_world:
-            raise ConfigError("training.global_batch_size", f"{global_batch_size} is not a "
-                              f"positive multiple of the data-parallel degree {dp_world}")
-        local = global_batch_size // dp_world
-        if micro_batch_size < 1 or local % micro_batch_size:
-            raise ConfigError("training.micro_batch_size", f"{micro_batch_size} must divide the "
-                              f"per-rank batch global_batch_size / dp = {local}")
-        if not 0 <= dp_rank < dp_world:
-            raise ValueError(f"dp_rank {dp_rank} is outside [0, {dp_world})")
+        local = check_batch_layout(seq_len, global_batch_size, micro_batch_size, dp_rank, dp_world)
         self._indexed = isinstance(documents, Sequence) and not isinstance(documents, str)
         if not self._indexed and iter(documents) is documents:
             raise TypeError("documents must be a Sequence or re-iterable (not a one-shot iterator)")
@@ -237,14 +244,22 @@ def build_data(
 ) -> tuple[TokenLoader, Optional[Callable[[], TokenLoader]]]:
     """The train loader and a factory of validation loaders (None when val_fraction is 0).
 
+    `data.shuffle` shuffles the training documents per epoch (false: source order).
+
     Every call of the factory returns a fresh loader at the start of the val split, in fixed
     document order (no shuffle) and sliced across dp ranks like training, which wraps around if
     an evaluation asks for more batches than the split holds: each evaluation sees the same
     batches.
     """
+    if DataSource(data_cfg.source) == DataSource.tokens:
+        from titan.data.store_loader import build_store_data
+
+        return build_store_data(data_cfg, tokenizer, seq_len, global_batch_size, micro_batch_size,
+                                dp_rank, dp_world, seed)
     common = dict(tokenizer=tokenizer, seq_len=seq_len, global_batch_size=global_batch_size,
                   micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_world=dp_world, seed=seed)
-    train = TokenLoader(load_documents(data_cfg, "train"), shuffle=True, infinite=True, **common)
+    train = TokenLoader(load_documents(data_cfg, "train"), shuffle=data_cfg.shuffle, infinite=True,
+                        **common)
     if data_cfg.val_fraction <= 0:
         return train, None
     val_docs = load_documents(data_cfg, "val")
