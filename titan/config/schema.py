@@ -224,6 +224,7 @@ class TokenizerKind(str, Enum):
     default = "default"  # sentencepiece model trained on the embedded corpus, cached
     sentencepiece = "sentencepiece"
     tiktoken = "tiktoken"  # tiktoken-style BPE file (Llama 3 format)
+    hf = "hf"  # a Hugging Face tokenizer.json (file, or the directory holding it)
 
 
 @dataclass

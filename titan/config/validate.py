@@ -70,7 +70,9 @@ def validate_data(cfg: TrainConfig) -> None:
     _require(0 < d.val_fraction < 1, "data.val_fraction", "must be in (0, 1)")
     if tok.kind is not TokenizerKind.default:
         _require(bool(tok.path), "tokenizer.path", f"tokenizer.kind={tok.kind.value} needs tokenizer.path")
-        _require(Path(tok.path).is_file(), "tokenizer.path", f"no such file: {tok.path}")
+        found = Path(tok.path).expanduser()
+        found = found / "tokenizer.json" if tok.kind is TokenizerKind.hf and found.is_dir() else found
+        _require(found.is_file(), "tokenizer.path", f"no such file: {found}")
     else:
         _require(tok.vocab_size >= 512, "tokenizer.vocab_size", "must be >= 512 (256 byte pieces, specials and merges)")
 
