@@ -218,6 +218,7 @@ class DataConfig:
     val_fraction: float = 0.05  # share of documents held out for validation
     max_documents: Optional[int] = None  # cap (quick experiments)
     shuffle: bool = True  # false: documents (token store: windows) in source order every epoch
+    prefetch: int = 2  # global batches produced ahead in a background thread; 0: in the step
 
 
 class TokenizerKind(str, Enum):

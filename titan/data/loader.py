@@ -245,21 +245,26 @@ def build_data(
     """The train loader and a factory of validation loaders (None when val_fraction is 0).
 
     `data.shuffle` shuffles the training documents per epoch (false: source order).
+    `data.prefetch` > 0 produces that many global batches ahead in a background thread.
 
     Every call of the factory returns a fresh loader at the start of the val split, in fixed
     document order (no shuffle) and sliced across dp ranks like training, which wraps around if
     an evaluation asks for more batches than the split holds: each evaluation sees the same
     batches.
     """
+    if data_cfg.prefetch < 0:
+        raise ConfigError("data.prefetch", f"must be >= 0 (0: no background worker), got {data_cfg.prefetch}")
     if DataSource(data_cfg.source) == DataSource.tokens:
         from titan.data.store_loader import build_store_data
 
-        return build_store_data(data_cfg, tokenizer, seq_len, global_batch_size, micro_batch_size,
-                                dp_rank, dp_world, seed)
+        train, make_val = build_store_data(data_cfg, tokenizer, seq_len, global_batch_size,
+                                           micro_batch_size, dp_rank, dp_world, seed)
+        return _prefetched(train, data_cfg.prefetch), make_val
     common = dict(tokenizer=tokenizer, seq_len=seq_len, global_batch_size=global_batch_size,
                   micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_world=dp_world, seed=seed)
     train = TokenLoader(load_documents(data_cfg, "train"), shuffle=data_cfg.shuffle, infinite=True,
                         **common)
+    train = _prefetched(train, data_cfg.prefetch)
     if data_cfg.val_fraction <= 0:
         return train, None
     val_docs = load_documents(data_cfg, "val")
@@ -268,3 +273,11 @@ def build_data(
         return TokenLoader(val_docs, shuffle=False, infinite=True, **common)
 
     return train, make_val_loader
+
+
+def _prefetched(loader, global_batches: int):
+    if global_batches == 0:
+        return loader
+    from titan.data.prefetch import Prefetcher
+
+    return Prefetcher(loader, depth=global_batches * loader.micro_batches_per_step)
