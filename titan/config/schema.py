@@ -209,6 +209,21 @@ class DataSource(str, Enum):
 
 
 @dataclass
+class MixSource:
+    """One source of a data mixture (`data.mix`): a corpus like DataConfig's, and its weight."""
+
+    name: Optional[str] = None  # metrics key (tokens_seen/NAME); default source0, source1, ...
+    weight: float = 1.0  # relative share of the training windows
+    source: DataSource = DataSource.tokens
+    path: Optional[str] = None
+    hf_config: Optional[str] = None
+    hf_split: str = "train"
+    text_field: str = "text"
+    val_fraction: float = 0.05  # on-the-fly sources (a store's split is its own)
+    max_documents: Optional[int] = None
+
+
+@dataclass
 class DataConfig:
     source: DataSource = DataSource.embedded
     path: Optional[str] = None  # files: a glob; hf: dataset name or local data files
@@ -219,6 +234,7 @@ class DataConfig:
     max_documents: Optional[int] = None  # cap (quick experiments)
     shuffle: bool = True  # false: documents (token store: windows) in source order every epoch
     prefetch: int = 2  # global batches produced ahead in a background thread; 0: in the step
+    mix: list[MixSource] = field(default_factory=list)  # non-empty: a weighted mixture (docs/data.md)
 
 
 class TokenizerKind(str, Enum):

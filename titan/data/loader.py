@@ -254,6 +254,12 @@ def build_data(
     """
     if data_cfg.prefetch < 0:
         raise ConfigError("data.prefetch", f"must be >= 0 (0: no background worker), got {data_cfg.prefetch}")
+    if data_cfg.mix:
+        from titan.data.mixture import build_mixture
+
+        train, make_val = build_mixture(data_cfg, tokenizer, seq_len, global_batch_size,
+                                        micro_batch_size, dp_rank, dp_world, seed)
+        return _prefetched(train, data_cfg.prefetch), make_val
     if DataSource(data_cfg.source) == DataSource.tokens:
         from titan.data.store_loader import build_store_data
 
