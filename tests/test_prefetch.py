@@ -63,3 +63,26 @@ def test_build_data_prefetches_by_default():
     assert isinstance(train, Prefetcher) and train.depth == 2 * train.micro_batches_per_step
     train, _ = build_data(DataConfig(max_documents=30, val_fraction=0.0, prefetch=0), Chars(), 8, 4, 2)
     assert isinstance(train, TokenLoader)
+
+
+def test_validation_batches_are_made_once_and_replayed(monkeypatch):
+    """A streamed source is opened once for all evaluations; each sees the same batches."""
+    from titan.data.sources import StreamingDocuments
+
+    opened = []
+
+    def open_stream():
+        opened.append(1)
+        return iter(DOCS)
+
+    docs = StreamingDocuments(open_stream, "val", 0.5, None, what="test stream")
+    monkeypatch.setattr("titan.data.loader.load_documents", lambda cfg, split: docs)
+    _, make_val = build_data(DataConfig(val_fraction=0.5, prefetch=0), Chars(), 8, 4, 2)
+    fresh = TokenLoader(docs, Chars(), 8, 4, 2, shuffle=False)
+    expected = [fresh.next_batch()[0] for _ in range(6)]
+    opened.clear()
+    first = make_val()
+    assert all(torch.equal(first.next_batch()[0], e) for e in expected[:4])
+    second = make_val()  # replays, and goes further on the same stream
+    assert all(torch.equal(second.next_batch()[0], e) for e in expected)
+    assert len(opened) == 1

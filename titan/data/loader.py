@@ -274,11 +274,8 @@ def build_data(
     if data_cfg.val_fraction <= 0:
         return train, None
     val_docs = load_documents(data_cfg, "val")
-
-    def make_val_loader() -> TokenLoader:
-        return TokenLoader(val_docs, shuffle=False, infinite=True, **common)
-
-    return train, make_val_loader
+    replay = ValReplay(lambda: TokenLoader(val_docs, shuffle=False, infinite=True, **common))
+    return train, replay.loader
 
 
 def _prefetched(loader, global_batches: int):
@@ -287,3 +284,34 @@ def _prefetched(loader, global_batches: int):
     from titan.data.prefetch import Prefetcher
 
     return Prefetcher(loader, depth=global_batches * loader.micro_batches_per_step)
+
+
+class ValReplay:
+    """Validation batches made once: every evaluation starts from the same first batch, so the
+    micro-batches produced for one evaluation are kept and replayed by the next (a longer one
+    continues the same loader). A streamed source is then opened once, not per evaluation."""
+
+    def __init__(self, make_loader: Callable[[], Any]):
+        self._make = make_loader
+        self._source = None
+        self._batches: list = []
+
+    def _batch(self, i: int):
+        while len(self._batches) <= i:
+            if self._source is None:
+                self._source = self._make()
+            self._batches.append(self._source.next_batch())
+        return self._batches[i]
+
+    def loader(self) -> "_Replayed":
+        return _Replayed(self)
+
+
+class _Replayed:
+    def __init__(self, replay: ValReplay):
+        self._replay, self._i = replay, 0
+
+    def next_batch(self):
+        batch = self._replay._batch(self._i)
+        self._i += 1
+        return batch
