@@ -225,3 +225,37 @@ def test_cli_store_resume_on_another_dp_degree(store, tmp_path):
     assert [r["step"] for r in resumed.train] == [3, 4]
     assert resumed.losses == full.losses[2:]  # bit for bit: same single-process arithmetic
     assert np.allclose(fsdp.losses, full.losses, rtol=1e-5, atol=0)
+
+
+def test_store_without_val_split_and_validation_on_is_refused(tmp_path):
+    from titan.config.validate import validate
+
+    out = tmp_path / "noval"
+    prepare(compose(["data.max_documents=3", "data.val_fraction=0"]), {"out": str(out), "workers": 1, "shard_docs": 7})
+    cfg = compose(["data=tokens", f"data.path={out}", "training.val_interval=5"])
+    with pytest.raises(ConfigError, match="no validation split") as e:
+        validate(cfg, world_size=1)
+    assert e.value.key == "data.path"
+    with pytest.raises(ConfigError, match="pick a document source"):
+        prepare(compose(["data=tokens", f"data.path={out}"]), {"out": str(tmp_path / "x"), "workers": 1, "shard_docs": 7})
+
+
+def test_progress_lines_and_bar():
+    import io
+
+    from titan.tools.prepare_data import Progress
+
+    log = io.StringIO()
+    progress = Progress(total_docs=10, every=0.0, stream=log)
+    progress.update(4, 1000)
+    assert "prepare_data: 4/10 documents" in log.getvalue() and "tokens/s" in log.getvalue() and "ETA" in log.getvalue()
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    bar = Progress(total_docs=10, stream=term)
+    bar.update(5, 500)
+    bar.close()
+    assert "5/10" in term.getvalue() and "tok/s" in term.getvalue()

@@ -64,9 +64,12 @@ def validate_data(cfg: TrainConfig) -> None:
     if d.source in (DataSource.files, DataSource.hf):
         _require(bool(d.path), "data.path", f"data.source={d.source.value} needs data.path (a glob or dataset name)")
     if d.source is DataSource.tokens:
-        from titan.data.store import check_store_path
+        from titan.data.store import TokenStore
 
-        check_store_path(d.path)
+        val = TokenStore.open(d.path).manifest["splits"].get("val") or {"tokens": 0}
+        _require(not (cfg.training.val_interval and not val["tokens"] and not d.mix), "data.path",
+                 f"the token store {d.path} has no validation split; set training.val_interval=0 "
+                 "or prepare it with data.val_fraction > 0")
     _require(0 < d.val_fraction < 1, "data.val_fraction", "must be in (0, 1)")
     if tok.kind is not TokenizerKind.default:
         _require(bool(tok.path), "tokenizer.path", f"tokenizer.kind={tok.kind.value} needs tokenizer.path")

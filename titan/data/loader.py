@@ -311,6 +311,14 @@ class _Replayed:
     def __init__(self, replay: ValReplay):
         self._replay, self._i = replay, 0
 
+    def __getattr__(self, name: str) -> Any:  # micro_batches_per_step, seq_len, ... of the loader
+        if name.startswith("_"):
+            raise AttributeError(name)
+        replay = self._replay
+        if replay._source is None:
+            replay._source = replay._make()
+        return getattr(replay._source, name)
+
     def next_batch(self):
         batch = self._replay._batch(self._i)
         self._i += 1

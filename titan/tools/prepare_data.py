@@ -197,6 +197,11 @@ def prepare(cfg, options: dict[str, Any]) -> dict:
                                   token_dtype, tokenizer_identity, write_json_atomic)
     from titan.data.tokenizer import build_tokenizer
 
+    from titan.config.schema import DataSource
+
+    if cfg.data.source == DataSource.tokens or cfg.data.mix:
+        raise ConfigError("data", "prepare_data reads documents: pick a document source "
+                          "(data=embedded, files or hf), not a token store or a mixture")
     root = Path(os.path.expanduser(options["out"]))
     tokenizer = build_tokenizer(cfg.tokenizer)  # trains/caches the default one before workers start
     identity = tokenizer_identity(tokenizer)
