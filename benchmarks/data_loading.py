@@ -97,7 +97,7 @@ def main() -> None:
         print(f"\nprepare_data, embedded corpus: 1 worker {one:,.0f} tokens/s ({dt1:.1f} s); "
               f"{cores} workers {many:,.0f} tokens/s ({dtn:.1f} s, {many / cores:,.0f} per worker)\n")
         rows = world_size_table(os.path.join(tmp, "store-1"), tokenizer, opts.worlds, opts.steps)
-    print(f"\nper-rank CPU time for one step's batch ({LOCAL} x {SEQ} tokens per rank), median")
+    print(f"\nper-rank CPU time for one step's batch ({LOCAL} x {SEQ} tokens per rank), mean")
     print("| world size | on-the-fly | token store | on-the-fly / store |\n|---|---|---|---|")
     for w, fly, store in rows:
         print(f"| {w} | {fly * 1e3:,.1f} ms | {store * 1e3:.3f} ms | {fly / store:,.0f}x |")

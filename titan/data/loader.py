@@ -91,10 +91,13 @@ class TokenLoader:
         self._tokens: Optional[np.ndarray] = None  # tokens of document `_doc`, once read
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, permutation) cache
         self._stream: tuple[int, int, Iterator[str]] | None = None  # (epoch, next index, iter)
+        self._resumable = getattr(documents, "open_resumable", None) is not None
+        self._doc_stream_state: tuple[int, int, str] | None = None  # stream state before a doc
         # The current global batch: this rank's windows, the cursor where the batch began (the
         # resumable position while it is being consumed) and the next micro-batch in it.
         self._windows: Optional[torch.Tensor] = None
         self._batch_start = (0, 0, 0)
+        self._batch_stream_state = ""
         self._micro = 0
 
     # ----------------------------------------------------------------------------------------
@@ -114,16 +117,37 @@ class TokenLoader:
             return self.documents[int(self._order[1][index])]
         # Streaming: reopen when going back (resume) or into another epoch; skip without tokenizing.
         if self._stream is None or self._stream[0] != epoch or self._stream[1] > index:
-            self._stream = (epoch, 0, iter(self.documents))
+            self._stream = (epoch, 0, self._open_stream())
         _, pos, it = self._stream
         text = None
         while pos <= index:
+            if pos == index and self._resumable:
+                self._doc_stream_state = (epoch, index, it.state())
             text = next(it, None)
             if text is None:
                 break
             pos += 1
         self._stream = (epoch, pos, it)
         return text
+
+    def _open_stream(self, state: Optional[str] = None) -> Iterator[str]:
+        if self._resumable:
+            from titan.data.sources import StreamCursor
+
+            return StreamCursor(self.documents, state)
+        return iter(self.documents)
+
+    def _stream_state(self) -> str:
+        """The resumable stream's state just before the document under the cursor ("" if unknown:
+        a resume then re-reads the stream up to the cursor)."""
+        if not self._resumable or self._stream is None:
+            return ""
+        epoch, pos, it = self._stream
+        if (epoch, pos) == (self._epoch, self._doc):
+            return it.state()
+        if self._doc_stream_state is not None and self._doc_stream_state[:2] == (self._epoch, self._doc):
+            return self._doc_stream_state[2]
+        return ""
 
     def _current_tokens(self) -> Optional[np.ndarray]:
         """Tokens of the document under the cursor, moving to the next epoch at an epoch's end."""
@@ -158,6 +182,7 @@ class TokenLoader:
 
     def _next_global_batch(self) -> bool:
         self._batch_start = (self._epoch, self._doc, self._offset)
+        self._batch_stream_state = self._stream_state()
         window = self.seq_len + 1
         # Every rank reads (and tokenizes) the whole global batch: the packing of its windows
         # depends on all documents before them.
@@ -200,17 +225,23 @@ class TokenLoader:
         """
         if self._windows is not None and self._micro < self.micro_batches_per_step:
             (epoch, doc, offset), micro = self._batch_start, self._micro
+            stream = self._batch_stream_state
         else:
             epoch, doc, offset, micro = self._epoch, self._doc, self._offset, 0
-        return {
+            stream = self._stream_state()
+        state = {
             "epoch": epoch, "document": doc, "token_offset": offset, "micro_index": micro,
             "seed": self.seed, "seq_len": self.seq_len,
             "global_batch_size": self.global_batch_size, "dp_world": self.dp_world,
             "micro_batch_size": self.micro_batch_size,
         }
+        if self._resumable:  # a JSON string: the dataset's own position (hf streaming)
+            state["stream_state"] = stream
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        state = {k: int(v) for k, v in state.items()}  # tolerate 0-d tensors from a checkpoint
+        stream = state.get("stream_state") or ""
+        state = {k: int(v) for k, v in state.items() if k != "stream_state"}  # 0-d tensors too
         if state["seed"] != self.seed:
             raise ValueError(f"loader state was saved with seed {state['seed']}, "
                              f"this loader uses {self.seed}")
@@ -222,6 +253,8 @@ class TokenLoader:
         self._epoch, self._doc = state["epoch"], state["document"]
         self._offset = state["token_offset"]
         self._tokens, self._stream, self._windows, self._micro = None, None, None, 0
+        if stream and self._resumable:  # restart the dataset where it was, no re-reading
+            self._stream = (self._epoch, self._doc, self._open_stream(stream))
         if self._offset:  # re-tokenize the document under the cursor; check the offset fits
             tokens = self._current_tokens()
             if tokens is None or self._offset >= len(tokens):
