@@ -67,12 +67,12 @@ def prepare_throughput(root: str, workers: int) -> tuple[float, float]:
     return manifest["tokens"] / dt, dt
 
 
-def data_share(prefetch: int, steps: int, run_dir: str) -> float:
+def data_share(prefetch: int, steps: int, run_dir: str, overrides: list[str]) -> float:
     from titan.config.validate import validate
     from titan.train.env import setup_rank
     from titan.train.trainer import Trainer
 
-    cfg = compose([f"data.prefetch={prefetch}"])
+    cfg = compose([*overrides, f"data.prefetch={prefetch}"])
     cfg.training.steps, cfg.training.val_interval = steps, 0
     cfg.lr_schedule.warmup_steps = min(cfg.lr_schedule.warmup_steps, steps - 1)
     cfg.logging.interval, cfg.checkpoint.interval, cfg.run_dir = 1, 0, run_dir
@@ -88,9 +88,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds for the data share")
     parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--only-share", action="store_true", help="only the data share of step time")
+    parser.add_argument("overrides", nargs="*", default=[], help="for the data-share runs")
     opts = parser.parse_args()
     tokenizer = build_tokenizer(compose([]).tokenizer)
     with tempfile.TemporaryDirectory() as tmp:
+        if opts.only_share:
+            return share_table(opts)
         one, dt1 = prepare_throughput(tmp, 1)
         cores = os.cpu_count() or 1
         many, dtn = prepare_throughput(tmp, cores)
@@ -101,16 +105,20 @@ def main() -> None:
     print("| world size | on-the-fly | token store | on-the-fly / store |\n|---|---|---|---|")
     for w, fly, store in rows:
         print(f"| {w} | {fly * 1e3:,.1f} ms | {store * 1e3:.3f} ms | {fly / store:,.0f}x |")
-    if opts.skip_train:
-        return
+    if not opts.skip_train:
+        share_table(opts)
+
+
+def share_table(opts) -> None:
     shares = {0: [], 2: []}
     for r in range(opts.rounds):
         for prefetch in shares:
             with tempfile.TemporaryDirectory() as run_dir:
-                shares[prefetch].append(data_share(prefetch, opts.steps, run_dir))
+                shares[prefetch].append(data_share(prefetch, opts.steps, run_dir, opts.overrides))
         print(f"round {r + 1}: data share in-step {shares[0][-1]:.2%}, background {shares[2][-1]:.2%}", flush=True)
     before, after = statistics.median(shares[0]), statistics.median(shares[2])
-    print(f"\ndata share of step time (llama3_debug, 8 x 256, {opts.steps} steps x {opts.rounds} rounds)")
+    print(f"\ndata share of step time ({' '.join(opts.overrides) or 'llama3_debug, 8 x 256'}, "
+          f"{opts.steps} steps x {opts.rounds} rounds)")
     print(f"| data.prefetch | data share |\n|---|---|\n| 0 (in the step) | {before:.2%} |\n| 2 (background) | {after:.2%} |")
 
 
