@@ -236,6 +236,22 @@ class DataSource(str, Enum):
     embedded = "embedded"  # Python's own sources and pydoc topics: no download
     files = "files"  # local .txt / .jsonl / .parquet by glob
     hf = "hf"  # Hugging Face `datasets` by name (streaming)
+    tokens = "tokens"  # a token store written by `python -m titan.tools.prepare_data`
+
+
+@dataclass
+class MixSource:
+    """One source of a data mixture (`data.mix`): a corpus like DataConfig's, and its weight."""
+
+    name: Optional[str] = None  # metrics key (tokens_seen/NAME); default source0, source1, ...
+    weight: float = 1.0  # relative share of the training windows
+    source: DataSource = DataSource.tokens
+    path: Optional[str] = None
+    hf_config: Optional[str] = None
+    hf_split: str = "train"
+    text_field: str = "text"
+    val_fraction: float = 0.05  # on-the-fly sources (a store's split is its own)
+    max_documents: Optional[int] = None
 
 
 @dataclass
@@ -247,12 +263,16 @@ class DataConfig:
     text_field: str = "text"
     val_fraction: float = 0.05  # share of documents held out for validation
     max_documents: Optional[int] = None  # cap (quick experiments)
+    shuffle: bool = True  # false: documents (token store: windows) in source order every epoch
+    prefetch: int = 2  # global batches produced ahead in a background thread; 0: in the step
+    mix: list[MixSource] = field(default_factory=list)  # non-empty: a weighted mixture (docs/data.md)
 
 
 class TokenizerKind(str, Enum):
     default = "default"  # sentencepiece model trained on the embedded corpus, cached
     sentencepiece = "sentencepiece"
     tiktoken = "tiktoken"  # tiktoken-style BPE file (Llama 3 format)
+    hf = "hf"  # a Hugging Face tokenizer.json (file, or the directory holding it)
 
 
 @dataclass

@@ -89,12 +89,21 @@ def validate_data(cfg: TrainConfig) -> None:
     d, tok = cfg.data, cfg.tokenizer
     if d.source in (DataSource.files, DataSource.hf):
         _require(bool(d.path), "data.path", f"data.source={d.source.value} needs data.path (a glob or dataset name)")
+    if d.source is DataSource.tokens:
+        from titan.data.store import TokenStore
+
+        val = TokenStore.open(d.path).manifest["splits"].get("val") or {"tokens": 0}
+        _require(not (cfg.training.val_interval and not val["tokens"] and not d.mix), "data.path",
+                 f"the token store {d.path} has no validation split; set training.val_interval=0 "
+                 "or prepare it with data.val_fraction > 0")
     _require(0 <= d.val_fraction < 1, "data.val_fraction", "must be in [0, 1) (0: no validation)")
     if d.val_fraction == 0 and cfg.training.val_interval > 0:  # nothing held out: nothing to validate on
         cfg.training.val_interval = 0
     if tok.kind is not TokenizerKind.default:
         _require(bool(tok.path), "tokenizer.path", f"tokenizer.kind={tok.kind.value} needs tokenizer.path")
-        _require(Path(tok.path).is_file(), "tokenizer.path", f"no such file: {tok.path}")
+        found = Path(tok.path).expanduser()
+        found = found / "tokenizer.json" if tok.kind is TokenizerKind.hf and found.is_dir() else found
+        _require(found.is_file(), "tokenizer.path", f"no such file: {found}")
     else:
         _require(tok.vocab_size >= 512, "tokenizer.vocab_size", "must be >= 512 (256 byte pieces, specials and merges)")
 

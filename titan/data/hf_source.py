@@ -5,9 +5,10 @@ e.g. path=allenai/c4 hf_config=en), a local dataset directory, or `BUILDER:DATA_
 local files read by one of datasets' packaged builders, e.g. `json:/data/*.jsonl`,
 `parquet:/data/**/*.parquet`, `csv:train.csv` or `text:/corpus/*.txt`.
 
-Documents come in stream order (every epoch the same order: a streamed dataset has no random
-access, so the loader resumes by re-reading up to its cursor without tokenizing). Documents are
-split into train/val by the stable hash of their stream index.
+Documents come in stream order (every epoch the same order). A resumed run restarts the stream
+from the dataset's own state (`IterableDataset.state_dict`, saved with the loader's position),
+not by re-reading up to its cursor. Documents are split into train/val by the stable hash of
+their stream index.
 """
 
 from __future__ import annotations
@@ -67,5 +68,21 @@ def hf_documents(cfg: DataConfig, split: str) -> StreamingDocuments:
                                   f"{field!r} holds {type(value).__name__}, not text")
             yield value or ""
 
+    def open_resumable(state):
+        """(texts from `state` on, a function returning the dataset's state after the last one)."""
+        ds = datasets.load_dataset(**args, split=cfg.hf_split, streaming=True)
+        if state is not None:
+            ds.load_state_dict(state)
+
+        def gen() -> Iterator[str]:
+            for record in ds:
+                value = record.get(field)
+                if value is not None and not isinstance(value, str):
+                    raise ConfigError("data.text_field", f"a record of {cfg.path!r}: "
+                                      f"{field!r} holds {type(value).__name__}, not text")
+                yield value or ""
+
+        return gen(), ds.state_dict
+
     return StreamingDocuments(texts, split, cfg.val_fraction, cfg.max_documents,
-                              what=f"hf dataset {cfg.path!r}")
+                              what=f"hf dataset {cfg.path!r}", open_resumable=open_resumable)

@@ -23,9 +23,26 @@ import numpy as np
 import torch
 
 from titan.config.errors import ConfigError
-from titan.config.schema import DataConfig
+from titan.config.schema import DataConfig, DataSource
 from titan.data.sources import load_documents
 from titan.data.tokenizer import Tokenizer
+
+
+def check_batch_layout(seq_len: int, global_batch_size: int, micro_batch_size: int, dp_rank: int,
+                       dp_world: int) -> int:
+    """This rank's share of the global batch (sequences), after checking the sizes fit."""
+    if seq_len < 1:
+        raise ConfigError("training.seq_len", f"must be >= 1, got {seq_len}")
+    if global_batch_size < 1 or global_batch_size % dp_world:
+        raise ConfigError("training.global_batch_size", f"{global_batch_size} is not a "
+                          f"positive multiple of the data-parallel degree {dp_world}")
+    local = global_batch_size // dp_world
+    if micro_batch_size < 1 or local % micro_batch_size:
+        raise ConfigError("training.micro_batch_size", f"{micro_batch_size} must divide the "
+                          f"per-rank batch global_batch_size / dp = {local}")
+    if not 0 <= dp_rank < dp_world:
+        raise ValueError(f"dp_rank {dp_rank} is outside [0, {dp_world})")
+    return local
 
 
 class TokenLoader:
@@ -50,17 +67,7 @@ class TokenLoader:
         infinite: bool = True,
         shuffle: bool = True,
     ):
-        if seq_len < 1:
-            raise ConfigError("training.seq_len", f"must be >= 1, got {seq_len}")
-        if global_batch_size < 1 or global_batch_size % dp_world:
-            raise ConfigError("training.global_batch_size", f"{global_batch_size} is not a "
-                              f"positive multiple of the data-parallel degree {dp_world}")
-        local = global_batch_size // dp_world
-        if micro_batch_size < 1 or local % micro_batch_size:
-            raise ConfigError("training.micro_batch_size", f"{micro_batch_size} must divide the "
-                              f"per-rank batch global_batch_size / dp = {local}")
-        if not 0 <= dp_rank < dp_world:
-            raise ValueError(f"dp_rank {dp_rank} is outside [0, {dp_world})")
+        local = check_batch_layout(seq_len, global_batch_size, micro_batch_size, dp_rank, dp_world)
         self._indexed = isinstance(documents, Sequence) and not isinstance(documents, str)
         if not self._indexed and iter(documents) is documents:
             raise TypeError("documents must be a Sequence or re-iterable (not a one-shot iterator)")
@@ -84,10 +91,13 @@ class TokenLoader:
         self._tokens: Optional[np.ndarray] = None  # tokens of document `_doc`, once read
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, permutation) cache
         self._stream: tuple[int, int, Iterator[str]] | None = None  # (epoch, next index, iter)
+        self._resumable = getattr(documents, "open_resumable", None) is not None
+        self._doc_stream_state: tuple[int, int, str] | None = None  # stream state before a doc
         # The current global batch: this rank's windows, the cursor where the batch began (the
         # resumable position while it is being consumed) and the next micro-batch in it.
         self._windows: Optional[torch.Tensor] = None
         self._batch_start = (0, 0, 0)
+        self._batch_stream_state = ""
         self._micro = 0
 
     # ----------------------------------------------------------------------------------------
@@ -107,16 +117,37 @@ class TokenLoader:
             return self.documents[int(self._order[1][index])]
         # Streaming: reopen when going back (resume) or into another epoch; skip without tokenizing.
         if self._stream is None or self._stream[0] != epoch or self._stream[1] > index:
-            self._stream = (epoch, 0, iter(self.documents))
+            self._stream = (epoch, 0, self._open_stream())
         _, pos, it = self._stream
         text = None
         while pos <= index:
+            if pos == index and self._resumable:
+                self._doc_stream_state = (epoch, index, it.state())
             text = next(it, None)
             if text is None:
                 break
             pos += 1
         self._stream = (epoch, pos, it)
         return text
+
+    def _open_stream(self, state: Optional[str] = None) -> Iterator[str]:
+        if self._resumable:
+            from titan.data.sources import StreamCursor
+
+            return StreamCursor(self.documents, state)
+        return iter(self.documents)
+
+    def _stream_state(self) -> str:
+        """The resumable stream's state just before the document under the cursor ("" if unknown:
+        a resume then re-reads the stream up to the cursor)."""
+        if not self._resumable or self._stream is None:
+            return ""
+        epoch, pos, it = self._stream
+        if (epoch, pos) == (self._epoch, self._doc):
+            return it.state()
+        if self._doc_stream_state is not None and self._doc_stream_state[:2] == (self._epoch, self._doc):
+            return self._doc_stream_state[2]
+        return ""
 
     def _current_tokens(self) -> Optional[np.ndarray]:
         """Tokens of the document under the cursor, moving to the next epoch at an epoch's end."""
@@ -151,6 +182,7 @@ class TokenLoader:
 
     def _next_global_batch(self) -> bool:
         self._batch_start = (self._epoch, self._doc, self._offset)
+        self._batch_stream_state = self._stream_state()
         window = self.seq_len + 1
         # Every rank reads (and tokenizes) the whole global batch: the packing of its windows
         # depends on all documents before them.
@@ -193,17 +225,23 @@ class TokenLoader:
         """
         if self._windows is not None and self._micro < self.micro_batches_per_step:
             (epoch, doc, offset), micro = self._batch_start, self._micro
+            stream = self._batch_stream_state
         else:
             epoch, doc, offset, micro = self._epoch, self._doc, self._offset, 0
-        return {
+            stream = self._stream_state()
+        state = {
             "epoch": epoch, "document": doc, "token_offset": offset, "micro_index": micro,
             "seed": self.seed, "seq_len": self.seq_len,
             "global_batch_size": self.global_batch_size, "dp_world": self.dp_world,
             "micro_batch_size": self.micro_batch_size,
         }
+        if self._resumable:  # a JSON string: the dataset's own position (hf streaming)
+            state["stream_state"] = stream
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        state = {k: int(v) for k, v in state.items()}  # tolerate 0-d tensors from a checkpoint
+        stream = state.get("stream_state") or ""
+        state = {k: int(v) for k, v in state.items() if k != "stream_state"}  # 0-d tensors too
         if state["seed"] != self.seed:
             raise ValueError(f"loader state was saved with seed {state['seed']}, "
                              f"this loader uses {self.seed}")
@@ -215,6 +253,8 @@ class TokenLoader:
         self._epoch, self._doc = state["epoch"], state["document"]
         self._offset = state["token_offset"]
         self._tokens, self._stream, self._windows, self._micro = None, None, None, 0
+        if stream and self._resumable:  # restart the dataset where it was, no re-reading
+            self._stream = (self._epoch, self._doc, self._open_stream(stream))
         if self._offset:  # re-tokenize the document under the cursor; check the offset fits
             tokens = self._current_tokens()
             if tokens is None or self._offset >= len(tokens):
@@ -237,19 +277,82 @@ def build_data(
 ) -> tuple[TokenLoader, Optional[Callable[[], TokenLoader]]]:
     """The train loader and a factory of validation loaders (None when val_fraction is 0).
 
+    `data.shuffle` shuffles the training documents per epoch (false: source order).
+    `data.prefetch` > 0 produces that many global batches ahead in a background thread.
+
     Every call of the factory returns a fresh loader at the start of the val split, in fixed
     document order (no shuffle) and sliced across dp ranks like training, which wraps around if
     an evaluation asks for more batches than the split holds: each evaluation sees the same
     batches.
     """
+    if data_cfg.prefetch < 0:
+        raise ConfigError("data.prefetch", f"must be >= 0 (0: no background worker), got {data_cfg.prefetch}")
+    if data_cfg.mix:
+        from titan.data.mixture import build_mixture
+
+        train, make_val = build_mixture(data_cfg, tokenizer, seq_len, global_batch_size,
+                                        micro_batch_size, dp_rank, dp_world, seed)
+        return _prefetched(train, data_cfg.prefetch), make_val
+    if DataSource(data_cfg.source) == DataSource.tokens:
+        from titan.data.store_loader import build_store_data
+
+        train, make_val = build_store_data(data_cfg, tokenizer, seq_len, global_batch_size,
+                                           micro_batch_size, dp_rank, dp_world, seed)
+        return _prefetched(train, data_cfg.prefetch), make_val
     common = dict(tokenizer=tokenizer, seq_len=seq_len, global_batch_size=global_batch_size,
                   micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_world=dp_world, seed=seed)
-    train = TokenLoader(load_documents(data_cfg, "train"), shuffle=True, infinite=True, **common)
+    train = TokenLoader(load_documents(data_cfg, "train"), shuffle=data_cfg.shuffle, infinite=True,
+                        **common)
+    train = _prefetched(train, data_cfg.prefetch)
     if data_cfg.val_fraction <= 0:
         return train, None
     val_docs = load_documents(data_cfg, "val")
+    replay = ValReplay(lambda: TokenLoader(val_docs, shuffle=False, infinite=True, **common))
+    return train, replay.loader
 
-    def make_val_loader() -> TokenLoader:
-        return TokenLoader(val_docs, shuffle=False, infinite=True, **common)
 
-    return train, make_val_loader
+def _prefetched(loader, global_batches: int):
+    if global_batches == 0:
+        return loader
+    from titan.data.prefetch import Prefetcher
+
+    return Prefetcher(loader, depth=global_batches * loader.micro_batches_per_step)
+
+
+class ValReplay:
+    """Validation batches made once: every evaluation starts from the same first batch, so the
+    micro-batches produced for one evaluation are kept and replayed by the next (a longer one
+    continues the same loader). A streamed source is then opened once, not per evaluation."""
+
+    def __init__(self, make_loader: Callable[[], Any]):
+        self._make = make_loader
+        self._source = None
+        self._batches: list = []
+
+    def _batch(self, i: int):
+        while len(self._batches) <= i:
+            if self._source is None:
+                self._source = self._make()
+            self._batches.append(self._source.next_batch())
+        return self._batches[i]
+
+    def loader(self) -> "_Replayed":
+        return _Replayed(self)
+
+
+class _Replayed:
+    def __init__(self, replay: ValReplay):
+        self._replay, self._i = replay, 0
+
+    def __getattr__(self, name: str) -> Any:  # micro_batches_per_step, seq_len, ... of the loader
+        if name.startswith("_"):
+            raise AttributeError(name)
+        replay = self._replay
+        if replay._source is None:
+            replay._source = replay._make()
+        return getattr(replay._source, name)
+
+    def next_batch(self):
+        batch = self._replay._batch(self._i)
+        self._i += 1
+        return batch

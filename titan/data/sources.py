@@ -58,8 +58,11 @@ class StreamingDocuments:
     """Documents from a stream, in stream order; every `iter()` starts a fresh pass."""
 
     def __init__(self, open_stream: Callable[[], Iterable[str]], split: str, val_fraction: float,
-                 max_documents: int | None, what: str):
+                 max_documents: int | None, what: str, open_resumable=None):
         self._open = open_stream
+        # Optional: open_resumable(dataset_state or None) -> (iterator of texts, get_state), for
+        # sources that can restart from their own state (datasets' IterableDataset.state_dict).
+        self.open_resumable = open_resumable
         self.split = split
         self.val_fraction = val_fraction
         self.max_documents = max_documents
@@ -80,6 +83,39 @@ class StreamingDocuments:
                 f"the {self.split} split of {self.what} is empty "
                 f"(val_fraction={self.val_fraction}, max_documents={self.max_documents})",
             )
+
+
+class StreamCursor:
+    """A pass over a resumable stream's `split` documents that can report where it is, as a
+    JSON string (the raw record index and the dataset's own state), and restart from there
+    without re-reading what came before."""
+
+    def __init__(self, docs: StreamingDocuments, state: str | None = None):
+        import json
+
+        saved = json.loads(state) if state else {"index": 0, "dataset": None}
+        self._docs = docs
+        self.index = saved["index"]  # raw records consumed so far
+        self._records, self._get_state = docs.open_resumable(saved["dataset"])
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        want_val = self._docs.split == "val"
+        for text in self._records:
+            index = self.index
+            self.index += 1
+            if self._docs.max_documents is not None and index >= self._docs.max_documents:
+                raise StopIteration
+            if is_held_out(str(index), self._docs.val_fraction) == want_val:
+                return text
+        raise StopIteration
+
+    def state(self) -> str:
+        import json
+
+        return json.dumps({"index": self.index, "dataset": self._get_state()}, sort_keys=True)
 
 
 def split_indexed(docs: IndexedDocuments, split: str, val_fraction: float) -> IndexedDocuments:

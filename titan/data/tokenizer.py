@@ -69,6 +69,10 @@ def build_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
             "tokenizer.path", f"tokenizer.kind={kind.value} needs a model file; set tokenizer.path"
         )
     path = os.path.expanduser(cfg.path)
+    if kind == TokenizerKind.hf:
+        from titan.data.hf_tokenizer import load_hf_tokenizer
+
+        return load_hf_tokenizer(path)
     if not os.path.isfile(path):
         raise ConfigError("tokenizer.path", f"no such file: {path!r}")
     try:

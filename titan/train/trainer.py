@@ -155,6 +155,8 @@ class Trainer:
                     tokens_seen=state.step * self.tokens_per_step,
                     elapsed_s=time.perf_counter() - started,
                 )
+                if hasattr(self.c.loader, "source_tokens"):  # data.mix: tokens_seen/NAME per source
+                    record.update(self.c.loader.source_tokens(self.c.loader.state_dict()))
                 self.metrics.log(record)
             if cfg.training.val_interval and (state.step % cfg.training.val_interval == 0 or state.step == last):
                 last_val = self.validate()

@@ -1,0 +1,140 @@
+"""Training from a token store: each rank reads only its own windows.
+
+The global stream is a sequence of windows of `seq_len + 1` tokens, numbered k = 0, 1, 2, ...
+and defined without reference to the layout:
+- `shuffle=False`: window k is tokens [k*W, (k+1)*W) of the split's stream repeated forever
+  (epochs follow each other without a break), which is exactly the on-the-fly loader's stream
+  with `shuffle=False`: same documents, same order, same packing.
+- `shuffle=True`: an epoch is the split's N = T // W whole windows (the tail is dropped);
+  window k is window perm_e[k mod N] of epoch e = k // N, where perm_e is a permutation drawn
+  from `(seed, e)`.
+Global batch b is windows [b*G, (b+1)*G); data-parallel rank r reads windows
+[b*G + r*G/dp, b*G + (r+1)*G/dp) and nothing else, so its cost does not grow with the world
+size. The resumable state is the index of the next global window (plus the micro-batch within
+a step): plain integers, the same on every rank, valid under any dp degree.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+
+from titan.data.loader import check_batch_layout
+from titan.data.store import SplitTokens
+
+
+class StoreLoader:
+    """Packed `(inputs, labels)` micro-batches for one data-parallel rank, from a store split."""
+
+    def __init__(self, tokens: SplitTokens, seq_len: int, global_batch_size: int,
+                 micro_batch_size: int, dp_rank: int = 0, dp_world: int = 1, seed: int = 0,
+                 shuffle: bool = True):
+        self.local_batch_size = check_batch_layout(seq_len, global_batch_size, micro_batch_size,
+                                                   dp_rank, dp_world)
+        self.tokens = tokens
+        self.seq_len = seq_len
+        self.global_batch_size = global_batch_size
+        self.micro_batch_size = micro_batch_size
+        self.dp_rank = dp_rank
+        self.dp_world = dp_world
+        self.seed = seed
+        self.shuffle = shuffle
+        self.micro_batches_per_step = self.local_batch_size // micro_batch_size
+        self.window = seq_len + 1
+        self.windows_per_epoch = tokens.n_tokens // self.window
+        if shuffle and self.windows_per_epoch == 0:
+            raise ValueError(f"the {tokens.split} split holds {tokens.n_tokens} tokens, fewer than "
+                             f"one window of seq_len + 1 = {self.window}")
+        self._next_window = 0  # first global window of the next global batch
+        self._batch_start = 0
+        self._windows: Optional[torch.Tensor] = None
+        self._micro = 0
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def _window_start(self, k: int) -> int:
+        """Token position of global window k in the split's stream."""
+        if not self.shuffle:
+            return k * self.window
+        epoch, i = divmod(k, self.windows_per_epoch)
+        if self._perm is None or self._perm[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._perm = (epoch, rng.permutation(self.windows_per_epoch))
+        return int(self._perm[1][i]) * self.window
+
+    def _next_global_batch(self) -> None:
+        self._batch_start = self._next_window
+        first = self._next_window + self.dp_rank * self.local_batch_size
+        rows = [self.tokens.read(self._window_start(k), self.window)
+                for k in range(first, first + self.local_batch_size)]
+        self._windows = torch.from_numpy(np.stack(rows))
+        self._next_window += self.global_batch_size
+        self._micro = 0
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._windows is None or self._micro == self.micro_batches_per_step:
+            self._next_global_batch()
+        m = self.micro_batch_size
+        rows = self._windows[self._micro * m:(self._micro + 1) * m]
+        self._micro += 1
+        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._windows is not None and self._micro < self.micro_batches_per_step:
+            window, micro = self._batch_start, self._micro
+        else:
+            window, micro = self._next_window, 0
+        return {"window": window, "micro_index": micro, "seed": self.seed, "seq_len": self.seq_len,
+                "global_batch_size": self.global_batch_size, "dp_world": self.dp_world,
+                "micro_batch_size": self.micro_batch_size, "shuffle": int(self.shuffle),
+                "split_tokens": self.tokens.n_tokens}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = {k: int(v) for k, v in state.items()}
+        if "window" not in state:
+            raise ValueError("the loader state was saved by an on-the-fly data source; "
+                             "this run reads a token store (data=tokens)")
+        for key, ours in (("seed", self.seed), ("seq_len", self.seq_len),
+                          ("shuffle", int(self.shuffle)), ("split_tokens", self.tokens.n_tokens)):
+            if state[key] != ours:
+                raise ValueError(f"the loader state was saved with {key}={state[key]}, this "
+                                 f"loader has {key}={ours} (another store or data settings)")
+        micro = state["micro_index"]
+        layout = ("global_batch_size", "dp_world", "micro_batch_size")
+        if micro and any(state[k] != getattr(self, k) for k in layout):
+            raise ValueError("the loader state is mid-step (micro_index > 0); resume it with the "
+                             f"same {', '.join(layout)}")
+        self._next_window, self._windows, self._micro = state["window"], None, 0
+        if micro:
+            self._next_global_batch()
+            self._micro = micro
+
+
+def build_store_data(data_cfg, tokenizer, seq_len: int, global_batch_size: int,
+                     micro_batch_size: int, dp_rank: int = 0, dp_world: int = 1, seed: int = 0):
+    """`build_data` for `data=tokens`: the train loader and a validation loader factory (None
+    when the store has no val split). Validation reads the val split in order from its start
+    every time, like the on-the-fly validation loader."""
+    from titan.config.errors import ConfigError
+    from titan.data.store import TokenStore
+
+    store = TokenStore.open(data_cfg.path)
+    store.check_tokenizer(tokenizer)
+    train_tokens = store.split("train")
+    if train_tokens is None:
+        raise ConfigError("data.path", f"the token store {store.root} has no training tokens")
+    common = dict(seq_len=seq_len, global_batch_size=global_batch_size,
+                  micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_world=dp_world, seed=seed)
+    try:
+        train = StoreLoader(train_tokens, shuffle=data_cfg.shuffle, **common)
+    except ValueError as e:
+        raise ConfigError("data.path", f"{e}; prepare more documents or lower training.seq_len") from e
+    val_tokens = store.split("val")
+    if val_tokens is None:
+        return train, None
+    return train, lambda: StoreLoader(val_tokens, shuffle=False, **common)
