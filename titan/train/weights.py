@@ -17,13 +17,14 @@ from titan.models.llama3 import LlamaArgs
 log = logging.getLogger("titan")
 
 
-def load_initial_weights(model: nn.Module, spec: str, args: LlamaArgs) -> None:
-    """`checkpoint.initial_load`: 'hf:PATH', a DCP checkpoint dir, a seed dir or a run dir."""
+def load_initial_weights(model: nn.Module, spec: str, args: LlamaArgs, strict: bool = True) -> None:
+    """`checkpoint.initial_load`: 'hf:PATH', a DCP checkpoint dir, a seed dir or a run dir.
+    strict=False: the model may hold more (LoRA adapters, initialised separately)."""
     from titan.interop import initial_weights
 
     distributed = dist.is_initialized()
     full = initial_weights(spec, args) if not distributed or dist.get_rank() == 0 else {}
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed, strict=True)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed, strict=strict)
     set_model_state_dict(model, full, options=options)
     log.info("initial weights loaded from %s", spec)
 
@@ -48,8 +49,10 @@ def save_seed_checkpoint(model: nn.Module, args: LlamaArgs, run_dir: str) -> Pat
 def export_hf(model: nn.Module, args: LlamaArgs, run_dir: str, eos_id: int, bos_id: int) -> Path:
     from titan.interop import save_hf
 
+    from titan.finetune.lora import merge_lora
+
     out = Path(run_dir) / "hf"
-    state = _full_state(model)
+    state = merge_lora(_full_state(model))  # LoRA adapters folded into plain weights
     if not dist.is_initialized() or dist.get_rank() == 0:
         save_hf(out, state, args, bos_token_id=bos_id, eos_token_id=eos_id)
         log.info("exported Hugging Face weights to %s", out)
