@@ -119,3 +119,25 @@ def test_lora_fsdp_matches_single_and_resumes_bit_for_bit(tmp_path) -> None:
 
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "single" / "hf")
     assert not any("lora" in n for n, _ in hf.named_parameters())
+
+
+def test_convert_merges_a_lora_checkpoint_into_its_base(tmp_path) -> None:
+    """An adapters-only checkpoint + `--base hf:DIR` -> plain HF weights equal to the merge;
+    without a base, one clear error."""
+    from titan.interop.dcp_io import save_dcp_model
+    from titan.interop.safetensors_io import load_hf, save_hf
+    from titan.tools.convert import main
+
+    model = _lora_model()
+    with torch.no_grad():
+        for _, linear in adapted_linears(model):
+            linear.lora.b.normal_(std=0.05, generator=torch.Generator().manual_seed(1))
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    base = {k: v for k, v in state.items() if ".lora." not in k}
+    save_hf(tmp_path / "base", base, ARGS)
+    save_dcp_model(tmp_path / "adapters", {k: v for k, v in state.items() if ".lora." in k})
+    assert main([str(tmp_path / "adapters"), str(tmp_path / "merged"), "--to", "hf", "--base", f"hf:{tmp_path / 'base'}"]) == 0
+    got, _ = load_hf(tmp_path / "merged")
+    for key, expected in merge_lora(state).items():
+        torch.testing.assert_close(got[key], expected, msg=key)
+    assert main([str(tmp_path / "adapters"), str(tmp_path / "merged2"), "--to", "hf"]) == 2

@@ -125,3 +125,37 @@ def merge_lora(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for part in ("a", "b", "scale"):
             del merged[f"{prefix}.{ADAPTER}.{part}"]
     return merged
+
+
+def load_lora_checkpoint(src: str, base: Optional[str] = None, preset: Optional[str] = None):
+    """For `titan.tools.convert`: if `src` (a run dir or DCP checkpoint) holds LoRA adapters
+    only, the base weights (`base`: 'hf:PATH' or a titan checkpoint/run dir; default: the run's
+    checkpoint.initial_load) with the adapters merged in, as `LoadedWeights`; None when `src`
+    is not such a checkpoint (convert then reads it as usual)."""
+    from pathlib import Path
+
+    from titan.checkpoint import CheckpointError, resolve_checkpoint
+    from titan.interop.dcp_io import METADATA_FILE, load_dcp_model_state
+    from titan.interop.errors import ConversionError
+    from titan.interop.sources import LoadedWeights, _find_run_dir, load_weights, read_run_config
+
+    path = Path(src)
+    if not path.is_dir():
+        return None
+    try:
+        ckpt = path if (path / METADATA_FILE).is_file() else resolve_checkpoint(path)
+        adapters = load_dcp_model_state(ckpt)
+    except (CheckpointError, ConversionError):
+        return None
+    if not adapters or not all(f".{ADAPTER}." in k for k in adapters):
+        return None
+    run_dir = _find_run_dir(ckpt)
+    if base is None and run_dir is not None:
+        base = (read_run_config(run_dir).get("checkpoint") or {}).get("initial_load")
+    if not base:
+        raise ConversionError(
+            f"{ckpt} holds LoRA adapters only; name the weights they were trained on with --base hf:PATH (or a titan checkpoint dir)"
+        )
+    loaded = load_weights(base[3:] if base.startswith("hf:") else base, preset=preset)
+    merged = merge_lora({**loaded.state_dict, **adapters})
+    return LoadedWeights(merged, loaded.args, "dcp+lora", ckpt, run_dir)
