@@ -116,3 +116,16 @@ def test_masked_runs_match_single_process_on_tp_and_pp(tmp_path) -> None:
     for layout in ("tp", "pp"):  # fsdp with the mask: tests/test_sft.py (packed conversations)
         got = run_titan(tmp_path / layout, *common, f"parallel={layout}").check().losses
         assert got == pytest.approx(reference, rel=1e-5), layout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention path: CUDA only (no CPU backward)")
+def test_flex_attention_matches_the_dense_mask_on_cuda() -> None:
+    from titan.models.document_mask import masked_attention
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 128, 16, device="cuda", generator=g) for _ in range(3))
+    tokens = torch.randint(3, 60, (2, 128), device="cuda", generator=g)
+    tokens[:, ::37] = BOS
+    mask = DocumentMask(document_ids(tokens, BOS))
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense())
+    torch.testing.assert_close(masked_attention(q, k, v, mask), expected, rtol=2e-3, atol=2e-3)

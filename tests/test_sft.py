@@ -193,6 +193,22 @@ def test_embedded_sft_held_out_loss_falls(tmp_path) -> None:
     from tests.helpers import run_titan
 
     run = run_titan(tmp_path / "run", "task=sft", "training.steps=40", "training.seq_len=128", "training.global_batch_size=4",
-                    "training.val_interval=40", "training.val_batches=2", "optim.lr=2e-3").check()
+                    "training.val_interval=40", "training.val_batches=2", "optim.lr=2e-3", "checkpoint.interval=40").check()
     start, end = run.losses[0], run.val[-1]["val_loss"]  # at step 1 the model is still its random init
     assert start > 7.0 and end < start - 2.0, (start, end)
+
+    # The chat CLI applies the run's template and prints the assistant's reply only.
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "titan.tools.generate", f"checkpoint={tmp_path / 'run'}", "chat=true",
+         "prompt=What does `json.dumps(obj)` do?", "temperature=0", "max_new_tokens=24"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    reply = proc.stdout.strip()
+    assert reply and "<|start_header_id|>" not in reply and "What does" not in reply
