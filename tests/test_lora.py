@@ -102,7 +102,7 @@ def test_lora_fsdp_matches_single_and_resumes_bit_for_bit(tmp_path) -> None:
     the adapters only; the HF export (adapters merged) loads in transformers."""
     from tests.helpers import run_titan
 
-    common = ("finetune=lora", "lr_schedule=constant", "optim.lr=1e-2", "training.steps=4")
+    common = ("finetune=lora", "lr_schedule=constant", "lr_schedule.warmup_steps=0", "optim.lr=1e-2", "training.steps=4")
     ref = run_titan(tmp_path / "single", *common, "checkpoint.export_hf=true").check()
     fsdp = run_titan(tmp_path / "fsdp", *common, "parallel=fsdp").check()
     assert fsdp.losses == pytest.approx(ref.losses, rel=1e-5)

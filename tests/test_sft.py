@@ -91,6 +91,11 @@ def test_overflow_is_truncated_or_dropped_and_counted() -> None:
     for _ in range(4):
         drop.next_batch()
     assert drop.stats["dropped"] == 1
+    # Cut before any assistant token: nothing to learn from, so dropped even when truncating.
+    short = _loader(CONVERSATIONS, 20, packing=SFTPacking.pad)
+    with pytest.raises(ConfigError, match="data.sft_overflow"):
+        short.next_batch()
+    assert short.stats == {"conversations": 4, "truncated": 0, "dropped": 4}
 
 
 def test_padding_mode_pads_to_the_longest_in_the_micro_batch() -> None:
@@ -102,11 +107,11 @@ def test_padding_mode_pads_to_the_longest_in_the_micro_batch() -> None:
 
 
 def test_loader_resumes_mid_step() -> None:
-    a = _loader(CONVERSATIONS * 3, 64, global_batch_size=2, micro_batch_size=1)
+    a = _loader(CONVERSATIONS * 3, 400, global_batch_size=2, micro_batch_size=1)
     a.next_batch()
     state = a.state_dict()
     expected = [a.next_batch() for _ in range(3)]
-    b = _loader(CONVERSATIONS * 3, 64, global_batch_size=2, micro_batch_size=1)
+    b = _loader(CONVERSATIONS * 3, 400, global_batch_size=2, micro_batch_size=1)
     b.load_state_dict(state)
     for (x, y), (u, v) in zip(expected, [b.next_batch() for _ in range(3)]):
         assert torch.equal(x, u) and torch.equal(y, v)
@@ -192,8 +197,8 @@ def test_embedded_sft_held_out_loss_falls(tmp_path) -> None:
     well below where it started."""
     from tests.helpers import run_titan
 
-    run = run_titan(tmp_path / "run", "task=sft", "training.steps=40", "training.seq_len=128", "training.global_batch_size=4",
-                    "training.val_interval=40", "training.val_batches=2", "optim.lr=2e-3", "checkpoint.interval=40").check()
+    run = run_titan(tmp_path / "run", "task=sft", "training.steps=30", "training.seq_len=128", "training.global_batch_size=4",
+                    "training.val_interval=30", "training.val_batches=2", "optim.lr=3e-3", "checkpoint.interval=30").check()
     start, end = run.losses[0], run.val[-1]["val_loss"]  # at step 1 the model is still its random init
     assert start > 7.0 and end < start - 2.0, (start, end)
 

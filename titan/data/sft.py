@@ -26,6 +26,7 @@ import functools
 import glob
 import inspect
 import json
+import logging
 import os
 from typing import Any, Callable, Optional
 
@@ -38,6 +39,7 @@ from titan.data.chat import ChatTemplate, Message, encode_conversation, to_messa
 from titan.data.sources import is_held_out
 
 IGNORE = -100
+log = logging.getLogger("titan")
 
 # Modules whose public functions and methods make the embedded question/answer set.
 EMBEDDED_MODULES = (
@@ -206,8 +208,16 @@ class SFTLoader:
             width = self.seq_len + 1
             self.stats["conversations"] += 1
             if len(ids) > width:
-                self.stats["truncated" if self.overflow is SFTOverflow.truncate else "dropped"] += 1
-                ids, trained = (ids[:width], trained[:width]) if self.overflow is SFTOverflow.truncate else (None, None)
+                if self.overflow is SFTOverflow.truncate and any(trained[1:width]):
+                    self.stats["truncated"] += 1
+                    ids, trained = ids[:width], trained[:width]
+                else:  # dropped, or nothing left to train on once cut
+                    self.stats["dropped"] += 1
+                    ids = None
+                if self.stats["truncated"] + self.stats["dropped"] == 1:
+                    log.warning("a conversation is longer than training.seq_len + 1 = %d tokens: %s (data.sft_overflow); "
+                                "later ones are counted in the loader's stats", width,
+                                "truncated" if ids is not None else "dropped")
             self._cache[index] = None if ids is None else (np.asarray(ids, np.int64), np.asarray(trained, bool))
         return self._cache[index]
 
