@@ -144,11 +144,14 @@ def load_lora_checkpoint(src: str, base: Optional[str] = None, preset: Optional[
         return None
     try:
         ckpt = path if (path / METADATA_FILE).is_file() else resolve_checkpoint(path)
-        adapters = load_dcp_model_state(ckpt)
-    except (CheckpointError, ConversionError):
+        from torch.distributed.checkpoint import FileSystemReader
+
+        keys = [k for k in FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata if k.startswith("model.")]
+    except (CheckpointError, ConversionError, OSError, ValueError):
         return None
-    if not adapters or not all(f".{ADAPTER}." in k for k in adapters):
+    if not keys or not all(f".{ADAPTER}." in k for k in keys):  # read the metadata only: cheap
         return None
+    adapters = load_dcp_model_state(ckpt)
     run_dir = _find_run_dir(ckpt)
     if base is None and run_dir is not None:
         base = (read_run_config(run_dir).get("checkpoint") or {}).get("initial_load")
