@@ -56,6 +56,9 @@ def validate_fault_tolerance(cfg: TrainConfig) -> None:
         raise ConfigError("fault_tolerance.group_id", f"{ft.group_id} is not in [0, replica_groups={ft.replica_groups})")
     if not 1 <= ft.min_replicas <= ft.replica_groups:
         raise ConfigError("fault_tolerance.min_replicas", f"must be in [1, replica_groups={ft.replica_groups}]")
+    if cfg.task.name.value != "pretrain":
+        raise ConfigError("fault_tolerance", "torchft replica groups train task=pretrain only so far (the SFT loss "
+                          "divisor is not agreed across groups); use fault_tolerance=none")
     _quiet_torchft()
     try:
         import torchft  # noqa: F401

@@ -159,9 +159,11 @@ def load_model(src: str, preset: Optional[str] = None, device: str | torch.devic
     """(eval-mode Llama3 holding the weights of `src`, LoadedWeights); `src` as in
     `titan.interop.load_weights`. `parallelize` (e.g. `tensor_parallel(mesh)`) runs before the move
     to `device`."""
+    from titan.finetune.lora import load_lora_checkpoint
     from titan.interop.sources import load_weights
 
-    loaded = load_weights(src, preset=preset)
+    # A LoRA run's checkpoint holds adapters only: merged into its base (the run's initial_load).
+    loaded = load_lora_checkpoint(src, None, preset) or load_weights(src, preset=preset)
     with torch.device("meta"):
         model = Llama3(loaded.args)
     model.load_state_dict(loaded.state_dict, assign=True)  # no copy; the tie comes from the state dict

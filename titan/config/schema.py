@@ -254,6 +254,22 @@ class MixSource:
     max_documents: Optional[int] = None
 
 
+class SFTFormat(str, Enum):
+    auto = "auto"  # `messages` if present, else `prompt`/`response`
+    messages = "messages"  # OpenAI-style [{"role": ..., "content": ...}, ...]
+    prompt_response = "prompt_response"
+
+
+class SFTPacking(str, Enum):
+    pack = "pack"  # whole conversations packed into seq_len rows, attention masked per conversation
+    pad = "pad"  # one conversation per row, padded to the longest in the micro-batch
+
+
+class SFTOverflow(str, Enum):
+    truncate = "truncate"  # cut conversations longer than seq_len + 1 tokens
+    drop = "drop"  # skip them
+
+
 @dataclass
 class DataConfig:
     source: DataSource = DataSource.embedded
@@ -266,6 +282,13 @@ class DataConfig:
     shuffle: bool = True  # false: documents (token store: windows) in source order every epoch
     prefetch: int = 2  # global batches produced ahead in a background thread; 0: in the step
     mix: list[MixSource] = field(default_factory=list)  # non-empty: a weighted mixture (docs/data.md)
+    # Packed documents attend only within themselves; RoPE positions restart per document.
+    document_mask: bool = False
+    # task=sft: conversations (titan/data/sft.py)
+    sft_format: SFTFormat = SFTFormat.auto
+    sft_packing: SFTPacking = SFTPacking.pack
+    sft_overflow: SFTOverflow = SFTOverflow.truncate
+    chat_template: Optional[str] = None  # None: the tokenizer's, else built-in; "llama3"; or a .jinja file
 
 
 class TokenizerKind(str, Enum):
@@ -382,6 +405,30 @@ class TrainingConfig:
     threads: Optional[int] = None  # torch intra-op threads per rank on CPU; None: auto
 
 
+class Task(str, Enum):
+    pretrain = "pretrain"  # next-token loss on every token of packed documents
+    sft = "sft"  # conversations; loss on assistant tokens only
+
+
+@dataclass
+class TaskConfig:
+    name: Task = Task.pretrain
+
+
+class FinetuneMethod(str, Enum):
+    full = "full"  # every weight trains
+    lora = "lora"  # base weights frozen; low-rank adapters on target_modules train
+
+
+@dataclass
+class FinetuneConfig:
+    method: FinetuneMethod = FinetuneMethod.full
+    rank: int = 8
+    alpha: float = 16.0  # adapter output scaled by alpha / rank
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo"])
+
+
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -400,6 +447,8 @@ class TrainConfig:
     profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
     fault_tolerance: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     # Filled by the launcher, not by users: where this run writes, and Hydra's group choices.
     run_dir: str = "outputs/run"
     choices: dict[str, Any] = field(default_factory=dict)

@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 from titan.config.errors import ConfigError
-from titan.config.schema import DataSource, LogBackend, PipelineSchedule, TokenizerKind, TrainConfig
+from titan.config.schema import DataSource, FinetuneMethod, LogBackend, PipelineSchedule, SFTPacking, Task, TokenizerKind, TrainConfig
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -117,6 +117,40 @@ def validate_logging(cfg: TrainConfig) -> None:
                               "(or use logging=none / logging=wandb)") from None
 
 
+def validate_document_mask(cfg: TrainConfig, world_size: int) -> None:
+    """Document masking (data.document_mask, or SFT packing, which always masks) is implemented
+    for every layout but context parallelism, whose attention is its own kernel."""
+    masked = cfg.data.document_mask or (cfg.task.name is Task.sft and cfg.data.sft_packing is SFTPacking.pack)
+    if not masked:
+        return
+    from titan.parallel.mesh import resolve_degrees
+
+    _require(
+        resolve_degrees(cfg.parallel, world_size)["cp"] == 1,
+        "data.document_mask" if cfg.data.document_mask else "data.sft_packing",
+        "document masking is not supported with context parallelism (parallel.cp > 1); use cp=1, or "
+        "data.document_mask=false (task=sft: data.sft_packing=pad)",
+    )
+
+
+def validate_finetune(cfg: TrainConfig, world_size: int) -> None:
+    f = cfg.finetune
+    if f.method is not FinetuneMethod.lora:
+        return
+    _require(f.rank >= 1, "finetune.rank", f"must be >= 1, got {f.rank}")
+    _require(0 <= f.dropout < 1, "finetune.dropout", "must be in [0, 1)")
+    _require(bool(f.target_modules), "finetune.target_modules", "name at least one linear, e.g. [wq, wv]")
+    from titan.parallel.mesh import resolve_degrees
+
+    degrees = resolve_degrees(cfg.parallel, world_size)
+    for key in ("tp", "pp", "cp"):
+        _require(
+            degrees[key] == 1,
+            f"parallel.{key}",
+            f"finetune=lora runs with data parallelism (ddp, fsdp, hsdp) only so far; set parallel.{key}=1 or finetune=full",
+        )
+
+
 def validate_parallel_names(cfg: TrainConfig) -> None:
     names = [s.value for s in PipelineSchedule]
     _require(cfg.parallel.pp_schedule in names, "parallel.pp_schedule", f"{cfg.parallel.pp_schedule!r} is not one of {', '.join(names)}")
@@ -187,6 +221,8 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
     validate_logging(cfg)
     validate_parallel_names(cfg)
     validate_family_layout(cfg, world_size)
+    validate_document_mask(cfg, world_size)
+    validate_finetune(cfg, world_size)
     from titan.fault_tolerance import validate_fault_tolerance
     from titan.parallel.mesh import validate_layout
     from titan.precision import validate_precision

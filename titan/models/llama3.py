@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from titan.models.document_mask import DocumentMask, document_positions, masked_attention
+
 
 @dataclass
 class LlamaArgs:
@@ -88,7 +90,8 @@ def rope_table(args: LlamaArgs, device=None) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate (batch, seq, heads, head_dim) by `rope` of shape (seq, head_dim // 2, 2)."""
+    """Rotate (batch, seq, heads, head_dim) by `rope` of shape (seq, head_dim // 2, 2), or
+    (batch, seq, head_dim // 2, 2) when positions differ per row (document masking)."""
     x_pairs = x.float().unflatten(-1, (-1, 2))
     x0, x1 = x_pairs[..., 0], x_pairs[..., 1]
     cos = rope[..., 0].unsqueeze(-2)  # (seq, 1, pairs): broadcast over heads
@@ -129,7 +132,9 @@ class CausalAttention(nn.Module):
     """Causal SDPA over (batch, heads, seq, head_dim). A module of its own so context
     parallelism can swap in a sequence-sharded implementation without touching the model."""
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[DocumentMask] = None) -> torch.Tensor:
+        if mask is not None:  # packed documents: block-causal
+            return masked_attention(q, k, v, mask)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
@@ -145,11 +150,11 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
         self.sdpa = CausalAttention()
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: Optional[DocumentMask] = None) -> torch.Tensor:
         bsz, seq, _ = x.shape
         # The table is cut to the length seen here: under sequence parallelism the blocks'
         # inputs are sequence-sharded and only the attention input is gathered to full length.
-        rope = rope[:seq]
+        rope = rope[:, :seq] if rope.dim() == 4 else rope[:seq]
         # -1 for heads: under tensor parallelism each rank holds a slice of the heads.
         q = self.wq(x).view(bsz, seq, -1, self.head_dim)
         k = self.wk(x).view(bsz, seq, -1, self.head_dim)
@@ -159,7 +164,8 @@ class Attention(nn.Module):
         if repeats > 1:  # grouped-query attention: share each K/V head across `repeats` queries
             k = k.repeat_interleave(repeats, dim=2)
             v = v.repeat_interleave(repeats, dim=2)
-        out = self.sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        qkv = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        out = self.sdpa(*qkv) if mask is None else self.sdpa(*qkv, mask=mask)
         return self.wo(out.transpose(1, 2).reshape(bsz, seq, -1))
 
     def init_weights(self, std: float, out_std: float, generator: Optional[torch.Generator] = None) -> None:
@@ -196,8 +202,9 @@ class TransformerBlock(nn.Module):
         self.out_std = args.init_std / math.sqrt(2 * (layer_id + 1))
         self.init_std = args.init_std
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope)
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: Optional[DocumentMask] = None) -> torch.Tensor:
+        attn = self.attention(self.attention_norm(x), rope) if mask is None else self.attention(self.attention_norm(x), rope, mask=mask)
+        h = x + attn
         return h + self.feed_forward(self.ffn_norm(h))
 
     def init_weights(self, generator: Optional[torch.Generator] = None) -> None:
@@ -220,15 +227,25 @@ class Llama3(nn.Module):
         # Not persistent: recomputed after `to_empty`, never saved in checkpoints.
         self.register_buffer("rope", rope_table(args), persistent=False)
 
-    def forward(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None, document_ids: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """tokens: (batch, seq) ids, or (batch, seq, dim) hidden states on a later pipeline
         stage. positions: (seq,) absolute positions when the sequence is sharded (context
-        parallel); default 0..seq-1. Returns logits, or hidden states if `output` was removed."""
+        parallel); default 0..seq-1. document_ids: (batch, seq) ids of packed documents
+        (`titan.models.document_mask.document_ids`): attention stays within each document and
+        positions restart at each one. Returns logits, or hidden states if `output` was removed."""
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        # The whole table: each attention cuts it to its (gathered) sequence length.
-        rope = self.rope if positions is None else self.rope[positions]
+        mask = None
+        if document_ids is not None:
+            if positions is not None:
+                raise ValueError("document_ids and positions (context parallel) cannot be combined")
+            mask = DocumentMask(document_ids)
+            rope = self.rope[document_positions(document_ids)]  # (batch, seq, pairs, 2)
+        else:  # the whole table: each attention cuts it to its (gathered) sequence length
+            rope = self.rope if positions is None else self.rope[positions]
         for layer in self.layers.values():
-            h = layer(h, rope)
+            h = layer(h, rope) if mask is None else layer(h, rope, mask=mask)
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h
 

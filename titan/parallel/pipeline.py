@@ -257,21 +257,23 @@ class Pipeline:
         """pp rank (in the pp group) holding the last stage."""
         return stage_to_rank(self.n_stages - 1, self.pp, self.v_shaped)
 
-    def step(self, inputs: Optional[torch.Tensor], labels: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    def step(self, inputs: Optional[torch.Tensor], labels: Optional[torch.Tensor], **kwargs) -> Optional[torch.Tensor]:
         """Forward + backward over one trainer micro-batch (n_microbatches x microbatch_size
         rows); gradients accumulate in the stage parameters (FSDP reduces them at the end of
         each call). Returns the summed microbatch loss, i.e. the loss the non-PP trainer
-        computes for this micro-batch, on the rank holding the last stage; None elsewhere."""
+        computes for this micro-batch, on the rank holding the last stage; None elsewhere.
+        `kwargs` (e.g. `document_ids`, batch-first tensors) are split into microbatches like
+        the inputs and given to every stage's forward, on every rank."""
         args = (inputs,) if self.has_first else ()
         losses: Optional[list] = [] if self.has_last else None
         with self.loss_context():
-            self.schedule.step(*args, target=labels if self.has_last else None, losses=losses, return_outputs=False)
+            self.schedule.step(*args, target=labels if self.has_last else None, losses=losses, return_outputs=False, **kwargs)
         if losses is None:
             return None
         return torch.stack([_plain(loss.detach()) for loss in losses]).sum()
 
     @torch.no_grad()
-    def eval_loss(self, inputs: Optional[torch.Tensor], labels: Optional[torch.Tensor]) -> torch.Tensor:
+    def eval_loss(self, inputs: Optional[torch.Tensor], labels: Optional[torch.Tensor], **kwargs) -> torch.Tensor:
         """Mean token CE of the batch (forward only, stage by stage, microbatch by microbatch),
         on every rank: broadcast from the last stage over the pp group.
 
@@ -286,13 +288,18 @@ class Pipeline:
         with self.loss_context():
             for start in range(0, n, self.microbatch_size):
                 rows = slice(start, start + self.microbatch_size)
-                out = self._forward_microbatch(inputs[rows] if self.has_first else None)
+                out = self._forward_microbatch(inputs[rows] if self.has_first else None, {k: v[rows] for k, v in kwargs.items()})
                 if self.has_last:
                     total += _plain(loss_fn(out, labels[rows])).float()
         total /= max(1, n // self.microbatch_size)
         dist.broadcast(total, group=self.pp_group, group_src=self.last_stage_rank)
         _reshard(self.model_parts)
         return total
+
+    def n_eval_microbatches(self, inputs: torch.Tensor) -> int:
+        """Microbatches `eval_loss` averages over for a batch like `inputs` (every rank holds
+        the inputs in the trainer)."""
+        return max(1, inputs.shape[0] // self.microbatch_size)
 
     def _batch_rows(self, inputs, labels) -> int:
         """Rows of the batch, known to every rank (only the ends hold the tensors)."""
@@ -301,7 +308,7 @@ class Pipeline:
         dist.all_reduce(rows, op=dist.ReduceOp.MAX, group=self.pp_group)
         return int(rows)
 
-    def _forward_microbatch(self, tokens: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    def _forward_microbatch(self, tokens: Optional[torch.Tensor], kwargs: Optional[dict] = None) -> Optional[torch.Tensor]:
         """Run every stage in model order; activations cross ranks with send/recv. Each rank
         walks all stage indices, so a send always meets the receiver waiting for it."""
         mine = {s.stage_index: s for s in self.stages}
@@ -316,7 +323,7 @@ class Pipeline:
                     h = torch.empty(self.hidden_shape, device=self.stages[0].device, dtype=self.hidden_dtype)
                     dist.recv(h, group=self.pp_group, group_src=prev)
             if idx in mine:
-                h = mine[idx].submod(h)
+                h = mine[idx].submod(h, **(kwargs or {}))
         return h if self.has_last else None
 
 

@@ -55,14 +55,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, choices=["hf", "titan", "torch"])
     p.add_argument("--model", default=None, help="model preset (conf/model/NAME.yaml) for weights without a config")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast floating-point weights (default: keep)")
+    p.add_argument("--base", default=None, help="LoRA checkpoints: the weights the adapters were trained on (hf:PATH or a titan dir; default: the run's checkpoint.initial_load)")
     p.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_MAX_SHARD_BYTES, help="hf: largest safetensors file (default 5GiB)")
     return p
 
 
 def convert(src: str, dst: str, to: str, model: Optional[str] = None, dtype: Optional[str] = None,
-            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
-    """Do one conversion; returns a one-line description of what was written."""
-    loaded = load_weights(src, preset=model)
+            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, base: Optional[str] = None) -> str:
+    """Do one conversion; returns a one-line description of what was written. A LoRA run's
+    checkpoint (adapters only) is merged into its base weights (`base`, default the run's
+    checkpoint.initial_load): the output is plain weights."""
+    from titan.finetune.lora import load_lora_checkpoint
+
+    loaded = load_lora_checkpoint(src, base, model) or load_weights(src, preset=model)
     state_dict = loaded.state_dict
     if dtype is not None:
         state_dict = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state_dict.items()}
@@ -126,7 +131,7 @@ def _run_tokenizer(loaded):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        print(convert(args.src, args.dst, args.to, args.model, args.dtype, args.max_shard_size))
+        print(convert(args.src, args.dst, args.to, args.model, args.dtype, args.max_shard_size, args.base))
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -15,6 +15,10 @@ colons or '='). Keys:
     bos             true: start the prompt with the tokenizer's BOS (as training framed documents)
     stop_at_eos     true;  device cpu | cuda | auto;  dtype float32 | bfloat16 | float16
     tokenizer_kind, tokenizer_path   override the run's tokenizer (e.g. for a Hugging Face dir)
+    chat            false; true: `prompt` is a user message (or a JSON list of {role, content}
+                    messages), wrapped in the run's chat template (data.chat_template: the
+                    tokenizer's Jinja template, else titan's Llama 3 template); prints the reply
+    chat_template   override it: llama3 or a .jinja file
 Exit status: 0 done, 2 bad arguments or unreadable checkpoint.
 """
 
@@ -51,6 +55,8 @@ class GenerateArgs:
     dtype: str = "float32"
     tokenizer_kind: Optional[str] = None
     tokenizer_path: Optional[str] = None
+    chat: bool = False
+    chat_template: Optional[str] = None
 
 
 class UsageError(ValueError):
@@ -109,6 +115,26 @@ def _tokenizer(args: GenerateArgs, loaded):
     return build_tokenizer(cfg)
 
 
+def _chat_prompt_ids(args: GenerateArgs, loaded, tokenizer) -> list[int]:
+    """The conversation so far, rendered by the chat template up to the assistant's turn."""
+    import json
+
+    from titan.data.chat import build_chat_template, encode_text
+
+    config = loaded.run_config() or {}
+    choice = args.chat_template or (config.get("data") or {}).get("chat_template")
+    template = build_chat_template(choice, args.tokenizer_path or (config.get("tokenizer") or {}).get("path"))
+    text = args.prompt.strip()
+    if text.startswith("["):
+        try:
+            messages = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"prompt looks like a JSON message list but is not valid JSON ({e.msg})") from None
+    else:
+        messages = [{"role": "user", "content": args.prompt}]
+    return encode_text(tokenizer, template.prompt(messages))
+
+
 def run(args: GenerateArgs) -> list[str]:
     """Generate and return one printable result per sample."""
     from titan.generate import generate, load_model
@@ -123,6 +149,9 @@ def run(args: GenerateArgs) -> list[str]:
             ids = [int(t) for t in args.prompt_ids.replace(" ", "").split(",") if t]
         except ValueError:
             raise UsageError(f"prompt_ids={args.prompt_ids!r}: expected comma-separated integers") from None
+    elif args.chat:
+        tokenizer = _tokenizer(args, loaded)
+        ids = [tokenizer.bos_id] + _chat_prompt_ids(args, loaded, tokenizer)
     else:
         tokenizer = _tokenizer(args, loaded)
         ids = ([tokenizer.bos_id] if args.bos else []) + tokenizer.encode(args.prompt)
@@ -139,6 +168,8 @@ def run(args: GenerateArgs) -> list[str]:
             new = new[:new.index(eos)]
         if tokenizer is None:
             results.append(" ".join(map(str, row)))
+        elif args.chat:  # the assistant's reply only, without its end-of-turn marker
+            results.append(tokenizer.decode(new).split("<|eot_id|>")[0].strip())
         else:  # decode prompt and continuation together, so the seam keeps its spacing
             results.append(tokenizer.decode(ids[1 if args.bos else 0:] + new))
     return results

@@ -30,11 +30,12 @@ class Trainer:
         self.c: Components = build_components(cfg, env)
         self.checkpointer = Checkpointer(cfg.checkpoint, cfg.run_dir)
         resume = self.checkpointer.resume_path()
+        adapters_only = self.c.state.model_keys is not None  # LoRA: the base is not in checkpoints
+        if cfg.checkpoint.initial_load and (resume is None or adapters_only):
+            load_initial_weights(self.c.model, cfg.checkpoint.initial_load, self.c.args, strict=not adapters_only)
         if resume is not None:
             restore(self.c.state, resume)
             log.info("resumed from %s at step %d", resume, self.c.state.step)
-        elif cfg.checkpoint.initial_load:
-            load_initial_weights(self.c.model, cfg.checkpoint.initial_load, self.c.args)
         self.ft = build_fault_tolerance(cfg, env, self.c.state)  # None unless fault_tolerance=torchft
         if self.ft is not None and resume is not None:
             self.ft.resumed(self.c.state.step)
@@ -48,20 +49,22 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------
     def loss_fn(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return summed_ce(logits, labels, self.c.tokens_per_rank)
+        return self.c.loss(logits, labels)
 
     def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
         """One optimizer step over the global batch; returns the global mean loss and grad norm."""
         model, opt, pipe = self.c.model, self.c.optimizer, self.c.pipeline
         total = torch.zeros((), device=self.env.device)
+        self.c.set_loss_divisor(batches)  # SFT: trained tokens of the global batch
         for inputs, labels in batches:  # gradient accumulation over micro-batches
             inputs, labels, positions = self.c.local_inputs(inputs, labels)
+            kwargs = self.c.model_kwargs(inputs, positions)
             if pipe is not None:  # the schedule runs forward and backward over the stages
-                loss = pipe.step(inputs, labels)  # on the last stage only; None elsewhere
+                loss = pipe.step(inputs, labels, **kwargs)  # on the last stage only; None elsewhere
                 total = None if loss is None else total + loss
                 continue
             with self.c.forward_context():
-                loss = self.loss_fn(model(inputs, positions=positions), labels)
+                loss = self.loss_fn(model(inputs, **kwargs), labels)
                 self.c.with_aux_loss(loss).backward()
             total += self.c.parallel.plain_loss(loss.detach())
         if self.ft is not None:  # mean over the live replica groups
@@ -102,17 +105,22 @@ class Trainer:
         # on the layout (each micro-batch holds the same number of tokens).
         for inputs, labels in self.c.val_batches(self.cfg.training.val_batches * self.accum_steps):
             inputs, labels, positions = self.c.local_inputs(inputs, labels)
+            kwargs = self.c.model_kwargs(inputs, positions)
+            masked = self.c.masked_labels  # SFT: the mean over the trained tokens of every batch
             if self.c.pipeline is not None:  # forward stage by stage; the mean reaches every rank
-                total += self.c.pipeline.eval_loss(inputs, labels)
-                count += 1
+                total += self.c.pipeline.eval_loss(inputs, labels, **kwargs) * (self.c.pipeline.n_eval_microbatches(inputs) if masked else 1)
+                count += int((labels != -100).sum()) if masked else 1
                 continue
             with self.c.forward_context():
-                logits = self.c.model(inputs, positions=positions)
-                ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="mean")
+                logits = self.c.model(inputs, **kwargs)
+                ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum" if masked else "mean")
             total += self.c.parallel.plain_loss(ce)
-            count += 1
+            count += int((labels != -100).sum()) if masked else 1
         self.c.model.train()
-        val_loss = self.c.mean_over_dp(total / max(count, 1))
+        if self.c.masked_labels:
+            val_loss = self.c.mean_over_dp(total) / max(self.c.mean_over_dp(torch.tensor(float(count), device=self.env.device)), 1e-9)
+        else:
+            val_loss = self.c.mean_over_dp(total / max(count, 1))
         if self.ft is not None:  # each replica group evaluated its slice of the val batches
             val_loss = self.ft.mean(val_loss, self.env.device)
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}

@@ -17,13 +17,14 @@ from titan.models.llama3 import LlamaArgs
 log = logging.getLogger("titan")
 
 
-def load_initial_weights(model: nn.Module, spec: str, args: LlamaArgs) -> None:
-    """`checkpoint.initial_load`: 'hf:PATH', a DCP checkpoint dir, a seed dir or a run dir."""
+def load_initial_weights(model: nn.Module, spec: str, args: LlamaArgs, strict: bool = True) -> None:
+    """`checkpoint.initial_load`: 'hf:PATH', a DCP checkpoint dir, a seed dir or a run dir.
+    strict=False: the model may hold more (LoRA adapters, initialised separately)."""
     from titan.interop import initial_weights
 
     distributed = dist.is_initialized()
     full = initial_weights(spec, args) if not distributed or dist.get_rank() == 0 else {}
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed, strict=True)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed, strict=strict)
     set_model_state_dict(model, full, options=options)
     log.info("initial weights loaded from %s", spec)
 
@@ -53,8 +54,10 @@ def export_hf(model: nn.Module, args: LlamaArgs, run_dir: str, tokenizer, dtype:
     from titan.interop import ConversionError, save_hf
     from titan.interop.hf_tokenizer import save_hf_tokenizer
 
+    from titan.finetune.lora import merge_lora
+
     out = Path(run_dir) / "hf"
-    state = _full_state(model)
+    state = merge_lora(_full_state(model))  # LoRA adapters folded into plain weights
     if not dist.is_initialized() or dist.get_rank() == 0:
         cast = getattr(torch, str(getattr(dtype, "value", dtype)))
         state = {k: v.to(cast) if v.is_floating_point() else v for k, v in state.items()}
