@@ -86,7 +86,7 @@ def next_commands(cfg: TrainConfig, checkpoint_saved: bool) -> str:
     """Closing hints: sample, export, compare, with this run's path (quoted for a shell)."""
     run = shlex.quote(str(cfg.run_dir))
     if not checkpoint_saved:
-        return ("next: no checkpoint was saved (checkpoint.save_final=false and checkpoint.interval=0); "
+        return ("next: no checkpoint was saved (checkpoint.save_final=false); "
                 f"compare the loss curve with: python -m titan.tools.compare {run}")
     return "\n".join([
         "next:",
