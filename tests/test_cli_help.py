@@ -4,7 +4,6 @@ its presets and one line; shell completion answers from the same groups (issue 1
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 
