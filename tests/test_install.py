@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -43,6 +44,10 @@ def installed(tmp_path_factory):
     # System site-packages give torch & co; the venv's own titan (the wheel) shadows any editable one.
     _run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], root, env)
     python = venv / "bin" / "python"
+    if sys.prefix != sys.base_prefix:  # run from a venv: --system-site-packages misses its packages
+        purelib = _run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], root, env).stdout.strip()
+        outer = [p for p in sys.path if p.endswith("site-packages")]
+        (Path(purelib) / "_outer_env.pth").write_text("\n".join(outer) + "\n")  # after the venv's own
     _run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(wheel)], root, env)
     work = root / "elsewhere"
     work.mkdir()
