@@ -21,11 +21,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from titan.config.load import CONF_DIR, REPO_ROOT, register_schemas, to_typed
+from titan.config.load import CONF_DIR, SWEEPS_DIR, register_schemas, to_typed
 from titan.config.schema import Launcher, TrainConfig
 from titan.tools.compare import differing_keys, find_runs, main as compare_main
 
-SWEEPS = REPO_ROOT / "sweeps"
+SWEEPS = SWEEPS_DIR
 STUB_TASK = Path(__file__).with_name("sweep_stub_task.py")
 # name -> number of jobs its basic-sweeper grid launches (None: Optuna decides)
 GRIDS = {"tiny": 2, "lr_scan": 6, "layouts": 4, "precision": 4, "optuna": None}

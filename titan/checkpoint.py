@@ -140,9 +140,10 @@ class Checkpointer:
 
     # -- save -----------------------------------------------------------------------------
     def should_save(self, step: int, last_step: int) -> bool:
-        if self.cfg.interval <= 0:
-            return False
-        return step % self.cfg.interval == 0 or (step == last_step and self.cfg.save_final)
+        """Every `interval` steps (0: never), and the last step unless save_final=false, so
+        every run ends with weights to sample from, export or resume."""
+        periodic = self.cfg.interval > 0 and step % self.cfg.interval == 0
+        return periodic or (step == last_step and self.cfg.save_final)
 
     def save(self, state: dict[str, Any], step: int, wait: bool = False) -> None:
         start = time.perf_counter()

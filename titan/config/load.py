@@ -15,9 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 from titan.config.errors import ConfigError
 from titan.config.schema import TrainConfig
 
-# conf/ and sweeps/ live at the repository root (the package is installed editable).
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CONF_DIR = REPO_ROOT / "conf"
+from titan.config.paths import CONF_DIR, SWEEPS_DIR  # noqa: F401  (re-exported)
 
 
 def register_schemas() -> None:

@@ -342,11 +342,11 @@ class ExportDtype(str, Enum):
 
 @dataclass
 class CheckpointConfig:
-    interval: int = 0  # steps between saves; 0 disables saving
+    interval: int = 0  # steps between saves; 0: only the final save (save_final)
     keep_last_k: int = 2  # 0 keeps all
     resume: str = "auto"  # auto | none | PATH
     async_mode: AsyncMode = AsyncMode.off
-    save_final: bool = True  # also save at the last step (when interval > 0)
+    save_final: bool = True  # save at the last step (also with interval=0); false: not
     initial_load: Optional[str] = None  # weights at step 0: hf:PATH, a DCP/seed dir or a run dir
     export_hf: bool = False  # write the final weights in Hugging Face format to RUN_DIR/hf
     export_dtype: ExportDtype = ExportDtype.float32  # dtype of the RUN_DIR/hf weights

@@ -158,7 +158,7 @@ def validate_parallel_names(cfg: TrainConfig) -> None:
 
 def validate_checkpoint(cfg: TrainConfig) -> None:
     c = cfg.checkpoint
-    _require(c.interval >= 0, "checkpoint.interval", "must be >= 0 (0 disables saving)")
+    _require(c.interval >= 0, "checkpoint.interval", "must be >= 0 (0: only the final save, see checkpoint.save_final)")
     _require(c.keep_last_k >= 0, "checkpoint.keep_last_k", "must be >= 0 (0 keeps all)")
     if cfg.parallel.pp > 1:  # each pipeline rank holds only its stages' weights
         for key, on in (("export_hf", c.export_hf), ("create_seed", c.create_seed), ("initial_load", c.initial_load)):

@@ -16,6 +16,7 @@ from typing import Any, Optional
 import torch
 
 from titan.checkpoint import CheckpointError, resolve_checkpoint
+from titan.config.paths import CONF_DIR
 from titan.config.schema import ModelConfig
 from titan.interop.dcp_io import (
     METADATA_FILE,
@@ -28,7 +29,7 @@ from titan.interop.safetensors_io import CONFIG_FILE, load_hf
 from titan.models import build_model, model_args
 from titan.models.llama3 import LlamaArgs
 
-PRESET_DIR = Path(__file__).resolve().parents[2] / "conf" / "model"
+PRESET_DIR = CONF_DIR / "model"
 HYDRA_CONFIG = Path(".hydra") / "config.yaml"
 
 

@@ -20,6 +20,7 @@ from titan.config.load import CONF_DIR, register_schemas, to_typed
 from titan.config.schema import Launcher, TrainConfig
 from titan.config.validate import validate
 from titan.train.env import env_world_size, launched_by_env
+from titan.train.help import register_help_resolver
 
 _task_started = False
 
@@ -116,6 +117,7 @@ def _check_run_dir() -> None:
 def main() -> None:
     register_schemas()
     _check_run_dir()
+    register_help_resolver()
     if launched_by_env() and {"-m", "--multirun"} & set(sys.argv):
         print("config error: -m/--multirun under torchrun or srun would run the whole sweep on every rank; "
               "run the sweep without torchrun (each job self-launches its workers)", file=sys.stderr)

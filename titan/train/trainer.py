@@ -19,6 +19,7 @@ from titan.profiling import NonFiniteLoss, StepProfiler
 from titan.train.build import Components, build_components, summed_ce
 from titan.train.env import RankEnv
 from titan.train.interrupt import stop_agreed
+from titan.train.summary import startup_summary
 from titan.train.weights import export_hf, load_initial_weights, save_seed_checkpoint
 
 log = logging.getLogger("titan")
@@ -46,6 +47,8 @@ class Trainer:
         self.tokens_per_step = cfg.training.global_batch_size * cfg.training.seq_len
         self.accum_steps = self.c.accum_steps
         self.profiler = StepProfiler(cfg.profiling, cfg.run_dir, env.rank, env.device)
+        if env.is_main:  # what is about to be trained, before step 1 (which may take long)
+            log.info(startup_summary(cfg, self.c, env.world_size, env.device, resume))
 
     # ------------------------------------------------------------------------------------
     def loss_fn(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

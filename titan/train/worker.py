@@ -44,7 +44,9 @@ def run_worker(cfg: TrainConfig) -> Optional[float]:
 
 
 def _run(cfg: TrainConfig) -> Optional[float]:
+    from titan.checkpoint import complete_checkpoints
     from titan.metrics import write_summary
+    from titan.train.summary import next_commands
     from titan.train.trainer import Trainer
 
     env = setup_rank(cfg)
@@ -67,5 +69,7 @@ def _run(cfg: TrainConfig) -> Optional[float]:
             f"{val:.4f}" if val is not None else "n/a",
             cfg.run_dir,
         )
+        saved = bool(complete_checkpoints(Path(cfg.run_dir) / "checkpoints"))
+        logging.getLogger("titan").info(next_commands(cfg, saved))
     teardown_rank()
     return summary["final_val_loss"]
