@@ -291,6 +291,19 @@ class ProfilingConfig:
 # training and root
 # ---------------------------------------------------------------------------------------------
 @dataclass
+class SpikeGuardConfig:
+    """Skip the update of a step whose loss or grad norm is above mean + sigmas x std of the
+    last `window` accepted steps (titan/train/spike_guard.py)."""
+
+    enabled: bool = False
+    window: int = 50  # accepted steps the mean and std are taken over
+    sigmas: float = 6.0  # how many standard deviations above the mean is a spike
+    min_history: int = 20  # accepted steps before the guard judges at all
+    max_consecutive: int = 5  # after this many skips in a row, accept the step as the new level
+    watch: list[str] = field(default_factory=lambda: ["loss", "grad_norm"])
+
+
+@dataclass
 class TrainingConfig:
     steps: int = 300
     seq_len: int = 256
@@ -305,6 +318,7 @@ class TrainingConfig:
     val_interval: int = 100  # 0 disables validation
     val_batches: int = 4
     threads: Optional[int] = None  # torch intra-op threads per rank on CPU; None: auto
+    spike_guard: SpikeGuardConfig = field(default_factory=SpikeGuardConfig)
 
 
 @dataclass

@@ -41,6 +41,12 @@ def validate_training(cfg: TrainConfig) -> None:
     _require(t.val_interval >= 0, "training.val_interval", "must be >= 0 (0 disables validation)")
     _require(t.val_batches > 0, "training.val_batches", "must be positive")
     _require(cfg.logging.interval > 0, "logging.interval", "must be positive")
+    g = t.spike_guard
+    _require(g.window >= 2, "training.spike_guard.window", "must be >= 2 (a standard deviation needs two steps)")
+    _require(g.sigmas > 0, "training.spike_guard.sigmas", "must be positive")
+    _require(g.max_consecutive >= 1, "training.spike_guard.max_consecutive", "must be >= 1")
+    bad = [w for w in g.watch if w not in ("loss", "grad_norm")]
+    _require(bool(g.watch) and not bad, "training.spike_guard.watch", f"{bad or 'empty'}: a list of loss and/or grad_norm")
 
 
 def validate_optim(cfg: TrainConfig) -> None:

@@ -17,6 +17,7 @@ from titan.metrics import MetricsLogger, Throughput, peak_flops, peak_memory_gib
 from titan.profiling import NonFiniteLoss, StepProfiler
 from titan.train.build import Components, build_components, summed_ce
 from titan.train.env import RankEnv
+from titan.train.spike_guard import SpikeGuard
 from titan.train.weights import export_hf, load_initial_weights, save_seed_checkpoint
 
 log = logging.getLogger("titan")
@@ -42,6 +43,7 @@ class Trainer:
         self.tokens_per_step = cfg.training.global_batch_size * cfg.training.seq_len
         self.accum_steps = self.c.accum_steps
         self.profiler = StepProfiler(cfg.profiling, cfg.run_dir, env.rank, env.device)
+        self.spike_guard = SpikeGuard(cfg.training.spike_guard)
 
     # ------------------------------------------------------------------------------------
     def loss_fn(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -63,7 +65,8 @@ class Trainer:
             total += self.c.parallel.plain_loss(loss.detach())
         grad_norm = float(self.c.clip_grad_norm(self.cfg.optim.max_norm))
         loss = self.c.mean_over_dp(total)
-        if self.non_finite(loss, grad_norm):  # profiling.nan_check=skip: drop this update
+        # profiling.nan_check=skip or training.spike_guard: drop this update
+        if self.non_finite(loss, grad_norm) or self.spike_guard.should_skip(self.c.state.step, loss, grad_norm):
             opt.zero_grad(set_to_none=True)
             return loss, grad_norm
         opt.step()
@@ -136,6 +139,7 @@ class Trainer:
                     memory_gib=peak_memory_gib(self.env.device),
                     tokens_seen=state.step * self.tokens_per_step,
                     elapsed_s=time.perf_counter() - started,
+                    skipped_steps=self.spike_guard.skipped,
                 )
                 self.metrics.log(record)
             if cfg.training.val_interval and (state.step % cfg.training.val_interval == 0 or state.step == last):
@@ -159,6 +163,7 @@ class Trainer:
             "params": self.c.n_params,
             "flops_per_token": self.c.flops_per_token,
             "world_size": self.env.world_size,
+            "skipped_steps": self.spike_guard.skipped,
         }
         self.metrics.close(summary)
         return summary
