@@ -291,6 +291,22 @@ class ProfilingConfig:
 # training and root
 # ---------------------------------------------------------------------------------------------
 @dataclass
+class EvalConfig:
+    """Downstream evaluation with lm-evaluation-harness (titan/eval/): in the training loop every
+    `interval` steps, and by `python -m titan.tools.eval`. titan's local tasks
+    (titan/eval/tasks/) are always found; `include_path` adds more task YAML dirs."""
+
+    interval: int = 0  # steps between in-loop evaluations (and the last step); 0: off
+    tasks: list[str] = field(default_factory=list)
+    limit: Optional[int] = None  # examples per task (None: all)
+    num_fewshot: Optional[int] = None  # None: each task's default
+    batch_size: int = 8  # sequences per forward, per data-parallel rank
+    max_gen_tokens: int = 64  # cap on tokens generated per request (generate_until tasks)
+    include_path: Optional[str] = None
+    seed: int = 1234  # lm-eval's few-shot sampling seed
+
+
+@dataclass
 class SpikeGuardConfig:
     """Skip the update of a step whose loss or grad norm is above mean + sigmas x std of the
     last `window` accepted steps (titan/train/spike_guard.py)."""
@@ -338,6 +354,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     # Filled by the launcher, not by users: where this run writes, and Hydra's group choices.
     run_dir: str = "outputs/run"
     choices: dict[str, Any] = field(default_factory=dict)

@@ -77,6 +77,18 @@ def validate_data(cfg: TrainConfig) -> None:
         _require(tok.vocab_size >= 512, "tokenizer.vocab_size", "must be >= 512 (256 byte pieces, specials and merges)")
 
 
+def validate_eval(cfg: TrainConfig) -> None:
+    e = cfg.eval
+    _require(e.interval >= 0, "eval.interval", "must be >= 0 (0 disables in-loop evaluation)")
+    _require(not e.interval or bool(e.tasks), "eval.tasks", "eval.interval is set but no tasks are named; e.g. eval.tasks=[titan_choice,titan_copy]")
+    _require(e.limit is None or e.limit > 0, "eval.limit", "must be positive (or null for every example)")
+    _require(e.batch_size > 0, "eval.batch_size", "must be positive")
+    _require(e.max_gen_tokens > 0, "eval.max_gen_tokens", "must be positive")
+    if e.interval:
+        _require(cfg.parallel.pp == 1, "eval.interval", "in-loop evaluation needs the whole model on each rank group (parallel.pp=1); "
+                 "evaluate a checkpoint with python -m titan.tools.eval instead")
+
+
 def validate_parallel_names(cfg: TrainConfig) -> None:
     names = [s.value for s in PipelineSchedule]
     _require(cfg.parallel.pp_schedule in names, "parallel.pp_schedule", f"{cfg.parallel.pp_schedule!r} is not one of {', '.join(names)}")
@@ -124,6 +136,7 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
     validate_data(cfg)
     validate_checkpoint(cfg)
     validate_parallel_names(cfg)
+    validate_eval(cfg)
     from titan.parallel.mesh import validate_layout
     from titan.precision import validate_precision
 
