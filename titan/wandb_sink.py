@@ -39,7 +39,7 @@ class WandbSink:
         self.state_path = Path(cfg.run_dir) / "wandb.json"
         state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
         # Last step sent, per record kind ("train" / "val"): replays after a resume are skipped.
-        self.last_step = state.get("last_step", {"train": -1, "val": -1})
+        self.last_step = {"train": -1, "val": -1, "eval": -1, **state.get("last_step", {})}
         self.run = None
         try:
             import wandb
@@ -75,7 +75,7 @@ class WandbSink:
     def log(self, record: dict[str, Any]) -> None:
         if self.run is None:
             return
-        step, kind = record["step"], "val" if "val_loss" in record else "train"
+        step, kind = record["step"], "val" if "val_loss" in record else "train" if "loss" in record else "eval"
         # Steps replayed after a resume were logged by the first attempt (identically: resume is exact).
         if step <= self.last_step[kind]:
             return

@@ -85,6 +85,8 @@ def validate_eval(cfg: TrainConfig) -> None:
     _require(e.batch_size > 0, "eval.batch_size", "must be positive")
     _require(e.max_gen_tokens > 0, "eval.max_gen_tokens", "must be positive")
     if e.interval:
+        _require(cfg.parallel.cp == 1, "eval.interval", "in-loop evaluation runs whole sequences; it needs parallel.cp=1 "
+                 "(evaluate the checkpoints with python -m titan.tools.eval)")
         _require(cfg.parallel.pp == 1, "eval.interval", "in-loop evaluation needs the whole model on each rank group (parallel.pp=1); "
                  "evaluate a checkpoint with python -m titan.tools.eval instead")
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from titan.checkpoint import Checkpointer, load_state
+from titan.eval.loop import DownstreamEval
 from titan.config.schema import NanCheck, TrainConfig
 from titan.metrics import MetricsLogger, Throughput, peak_flops, peak_memory_gib, reset_peak_memory
 from titan.profiling import NonFiniteLoss, StepProfiler
@@ -44,6 +45,7 @@ class Trainer:
         self.accum_steps = self.c.accum_steps
         self.profiler = StepProfiler(cfg.profiling, cfg.run_dir, env.rank, env.device)
         self.spike_guard = SpikeGuard(cfg.training.spike_guard)
+        self.downstream = DownstreamEval(cfg, self.c, env)  # eval.interval: lm-eval tasks in the loop
 
     # ------------------------------------------------------------------------------------
     def loss_fn(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -145,6 +147,7 @@ class Trainer:
             if cfg.training.val_interval and (state.step % cfg.training.val_interval == 0 or state.step == last):
                 last_val = self.validate()
                 self.metrics.log({"step": state.step, **last_val, "tokens_seen": state.step * self.tokens_per_step})
+            self.downstream(state.step, last, state.step * self.tokens_per_step, self.metrics)
             self.checkpointer.poll()
             if self.checkpointer.should_save(state.step, last):
                 self.checkpointer.save(state.state_dict(), state.step)
@@ -164,6 +167,7 @@ class Trainer:
             "flops_per_token": self.c.flops_per_token,
             "world_size": self.env.world_size,
             "skipped_steps": self.spike_guard.skipped,
+            **self.downstream.last,
         }
         self.metrics.close(summary)
         return summary
