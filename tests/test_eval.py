@@ -18,6 +18,7 @@ from lm_eval.api.instance import Instance
 
 from titan.eval.lm import TitanLM
 from titan.models.llama3 import Llama3, LlamaArgs
+from titan.train.launch import free_port
 from tests.helpers import REPO, run_titan
 
 TASKS = "tasks=[titan_choice,titan_copy]"
@@ -122,7 +123,7 @@ def test_titan_checkpoint_scores_equal_lm_eval_hf_backend_on_the_export(trained_
     results = simple_evaluate(
         model="hf", model_args={"pretrained": str(trained_run / "hf"), "dtype": "float32", "add_bos_token": True, "max_length": 64, "device": "cpu"},
         tasks=["titan_choice", "titan_copy"], limit=24, batch_size=8, task_manager=task_manager(["titan_choice"]),
-        bootstrap_iters=0, gen_kwargs="max_gen_toks=64",
+        bootstrap_iters=0,
     )
     hf_scores = primary_metrics(results)
     for task in ("titan_choice", "titan_copy"):
@@ -135,7 +136,7 @@ def test_titan_checkpoint_scores_equal_lm_eval_hf_backend_on_the_export(trained_
 @pytest.mark.slow
 def test_fsdp_two_ranks_score_like_one_process(trained_run):
     single, _ = _titan_eval(trained_run)
-    sharded, _ = _titan_eval(trained_run, launcher=("-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0"))
+    sharded, _ = _titan_eval(trained_run, launcher=("-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())))
     assert sharded == single
 
 
@@ -152,3 +153,6 @@ def test_in_loop_evaluation_on_fsdp_writes_metrics_and_wandb(tmp_path):
     assert summary["eval/titan_choice/acc"] == downstream[-1]["eval/titan_choice/acc"]
     (wandb_file,) = (run.run_dir / "wandb").glob("offline-run-*/run-*.wandb")
     assert b"eval/titan_choice/acc" in wandb_file.read_bytes()
+    # Evaluation leaves training alone: the same losses as without it (RNG, modes restored).
+    plain = run_titan(tmp_path / "plain", "parallel=fsdp", "training.steps=4", "training.val_interval=2", "training.val_batches=1").check()
+    assert plain.losses == run.losses

@@ -7,7 +7,9 @@ costs one clear log line and is left out; the others run."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import random
 from typing import Any, Optional, Sequence
 
 from titan.eval import TASKS_DIR
@@ -64,7 +66,7 @@ def evaluate(lm, tasks: Sequence[str], limit: Optional[int] = None, num_fewshot:
              include_path: Optional[str] = None, seed: int = 1234) -> tuple[dict[str, dict[str, float]], Optional[dict]]:
     """Scores on rank 0 ({} on other ranks) and lm-eval's full results dict (rank 0, else None).
     Every rank of the job must call this (the model's forwards are collectives)."""
-    from lm_eval import simple_evaluate
+    from lm_eval import simple_evaluate as _simple_evaluate
 
     _quiet()
     ok, problems = loadable_tasks(tasks, include_path)
@@ -72,11 +74,12 @@ def evaluate(lm, tasks: Sequence[str], limit: Optional[int] = None, num_fewshot:
         log.warning(line)
     if not ok:
         return {}, None
-    results = simple_evaluate(
-        model=lm, tasks=ok, limit=limit, num_fewshot=num_fewshot, task_manager=task_manager(tasks, include_path),
-        random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-        log_samples=False, bootstrap_iters=0, verbosity="ERROR",
-    )
+    with _rng_preserved():  # lm-eval seeds the global generators; training must not notice
+        results = _simple_evaluate(
+            model=lm, tasks=ok, limit=limit, num_fewshot=num_fewshot, task_manager=task_manager(tasks, include_path),
+            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+            log_samples=False, bootstrap_iters=0, verbosity="ERROR",
+        )
     if results is None:
         return {}, None
     return primary_metrics(results), results
@@ -95,3 +98,17 @@ def _quiet() -> None:
     datasets.disable_progress_bars()
     for name in ("lm-eval", "lm_eval", "datasets"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def _rng_preserved():
+    import numpy as np
+    import torch
+
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])

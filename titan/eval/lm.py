@@ -202,7 +202,7 @@ class TitanLM(TemplateLM):
         for r in range(self._agree_max(len(requests))):
             context, kwargs = requests[r].args if r < len(requests) else ("", {})
             until, max_new = self._settings(kwargs, steps)
-            tokens = self._prompt(context, steps)
+            tokens = self._prompt(context, max_new)
             new: list[int] = []
             for _ in range(steps):  # always `steps` forwards, whatever was generated
                 token = int(self._logits([tokens + new])[0, len(tokens) + len(new) - 1].argmax())
