@@ -22,6 +22,18 @@ from titan.train.launch import free_port
 from tests.helpers import REPO, run_titan
 
 TASKS = "tasks=[titan_choice,titan_copy]"
+NEEDS_DOWNLOAD = """task: needs_download
+dataset_path: Rowan/hellaswag
+output_type: multiple_choice
+validation_split: validation
+doc_to_text: "{{ctx}}"
+doc_to_choice: "{{endings}}"
+doc_to_target: "{{label}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
 
 
 class CharTokenizer:
@@ -142,13 +154,17 @@ def test_fsdp_two_ranks_score_like_one_process(trained_run):
 
 @pytest.mark.slow
 def test_in_loop_evaluation_on_fsdp_writes_metrics_and_wandb(tmp_path):
+    # A task whose dataset is on the Hub, run without network: one line, and training goes on.
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "needs_download.yaml").write_text(NEEDS_DOWNLOAD)
     run = run_titan(tmp_path / "r", "parallel=fsdp", "training.steps=4", "training.val_interval=2", "training.val_batches=1",
-                    "eval.interval=2", "eval.tasks=[titan_choice,titan_copy,no_such_task]", "eval.limit=6",
-                    "eval.max_gen_tokens=8", "logging=wandb").check()
+                    "eval.interval=2", "eval.tasks=[titan_choice,titan_copy,needs_download]", "eval.limit=6",
+                    f"eval.include_path={tasks}", "eval.max_gen_tokens=8", "logging=wandb", env={"HF_HUB_OFFLINE": "1"}).check()
     downstream = [r for r in run.records if "eval/titan_choice/acc" in r]
     assert [r["step"] for r in downstream] == [2, 4] and [r["tokens_seen"] for r in downstream] == [256, 512]
     assert all(0 <= r["eval/titan_choice/acc"] <= 1 and "eval/titan_copy/exact_match" in r for r in downstream)
-    assert "eval task 'no_such_task' skipped" in run.stdout + run.stderr
+    assert "eval task 'needs_download' skipped: cannot load it (ConnectionError" in run.stdout + run.stderr
     summary = json.loads((run.run_dir / "summary.json").read_text())
     assert summary["eval/titan_choice/acc"] == downstream[-1]["eval/titan_choice/acc"]
     (wandb_file,) = (run.run_dir / "wandb").glob("offline-run-*/run-*.wandb")

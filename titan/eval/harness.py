@@ -21,13 +21,17 @@ _managers: dict = {}
 
 
 def task_manager(tasks: Sequence[str], include_path: Optional[str] = None):
+    """lm-eval's task index over titan's tasks and `include_path`; lm-eval's own (thousands of
+    YAMLs, seconds to index) only when a task is found in neither."""
     from lm_eval.tasks import TaskManager
 
     paths = [str(TASKS_DIR)] + ([include_path] if include_path else [])
-    defaults = not set(tasks) <= set(LOCAL_TASKS) or bool(include_path)
-    key = (tuple(paths), defaults)
-    if key not in _managers:
-        _managers[key] = TaskManager(verbosity="ERROR", include_path=paths, include_defaults=defaults)
+    for defaults in (False, True):
+        key = (tuple(paths), defaults)
+        if key not in _managers:
+            _managers[key] = TaskManager(verbosity="ERROR", include_path=paths, include_defaults=defaults)
+        if set(tasks) <= set(_managers[key].all_tasks):
+            break
     return _managers[key]
 
 
