@@ -85,6 +85,10 @@ def validate_eval(cfg: TrainConfig) -> None:
     _require(e.batch_size > 0, "eval.batch_size", "must be positive")
     _require(e.max_gen_tokens > 0, "eval.max_gen_tokens", "must be positive")
     if e.interval:
+        import importlib.util
+
+        _require(importlib.util.find_spec("lm_eval") is not None, "eval.interval",
+                 "in-loop evaluation needs lm-evaluation-harness: pip install 'titan[eval]' (or set eval.interval=0)")
         _require(cfg.parallel.cp == 1, "eval.interval", "in-loop evaluation runs whole sequences; it needs parallel.cp=1 "
                  "(evaluate the checkpoints with python -m titan.tools.eval)")
         _require(cfg.parallel.pp == 1, "eval.interval", "in-loop evaluation needs the whole model on each rank group (parallel.pp=1); "
