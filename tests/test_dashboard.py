@@ -42,7 +42,7 @@ def test_group_name_needs_group_by_and_writes_a_spec(tmp_path, capsys):
 def test_sweep_dashboard_spec_and_wandb_run_identity(tmp_path, capsys):
     sweep = tmp_path / "sweep"
     for job, lr in enumerate(["1e-3", "3e-3"]):
-        run_titan(sweep / str(job), f"optim.lr={lr}", "training.steps=2", "logging=wandb", "logging.group=lr-test",
+        run_titan(sweep / str(job), f"optim.lr={lr}", "training.steps=3", "logging=wandb", "logging.group=lr-test",
                   env={"WANDB_API_KEY": ""}).check()
     state = json.loads((sweep / "1" / "wandb.json").read_text())
     assert "optim.lr=3e-3" in state["name"] and state["group"] == "lr-test"
