@@ -126,6 +126,9 @@ class Throughput:
 
 
 def _console_line(record: dict[str, Any]) -> str:
+    if "loss" not in record and "val_loss" not in record:  # downstream scores (titan.eval.loop)
+        scores = "  ".join(f"{k[len('eval/'):]} {v:.4f}" for k, v in record.items() if k.startswith("eval/"))
+        return f"step {record['step']:>6}  {scores}"
     if "val_loss" in record:
         return f"step {record['step']:>6}  val_loss {record['val_loss']:.4f}  val_ppl {record['val_ppl']:.2f}"
     return (

@@ -29,6 +29,23 @@ def run_name(cfg: TrainConfig) -> str:
     return ",".join(parts) or Path(cfg.run_dir).name
 
 
+def flat_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The resolved config and Hydra's group choices as flat dotted keys ('optim.lr',
+    'choices.parallel'), which W&B can filter and group runs by."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            flat[prefix] = value
+
+    walk("", plain(cfg))
+    flat["overrides"] = " ".join(cfg.overrides)
+    return flat
+
+
 def run_tags(cfg: TrainConfig) -> list[str]:
     tags = [f"{group}:{cfg.choices[group]}" for group in ("model", "parallel", "precision") if group in cfg.choices]
     return tags + list(cfg.logging.tags)
@@ -39,7 +56,7 @@ class WandbSink:
         self.state_path = Path(cfg.run_dir) / "wandb.json"
         state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
         # Last step sent, per record kind ("train" / "val"): replays after a resume are skipped.
-        self.last_step = state.get("last_step", {"train": -1, "val": -1})
+        self.last_step = {"train": -1, "val": -1, "eval": -1, **state.get("last_step", {})}
         self.run = None
         try:
             import wandb
@@ -52,7 +69,7 @@ class WandbSink:
                 name=run_name(cfg),
                 tags=run_tags(cfg),
                 job_type="train",
-                config=plain(cfg),
+                config=flat_config(cfg),
                 dir=cfg.run_dir,
                 id=state.get("id"),
                 resume="allow",
@@ -61,6 +78,10 @@ class WandbSink:
             )
             self.run.define_metric(STEP_AXIS)
             self.run.define_metric("*", step_metric=STEP_AXIS)
+            # Run summaries that compare runs: the best validation loss, the final downstream scores.
+            self.run.define_metric("val_loss", step_metric=STEP_AXIS, summary="min,last")
+            self.run.define_metric("loss", step_metric=STEP_AXIS, summary="min,last")
+            self.run.define_metric("eval/*", step_metric=STEP_AXIS, summary="last,max")
             self._save_state()
         except Exception as e:  # W&B must never take training down
             log.warning("W&B disabled: %s", e)
@@ -75,7 +96,7 @@ class WandbSink:
     def log(self, record: dict[str, Any]) -> None:
         if self.run is None:
             return
-        step, kind = record["step"], "val" if "val_loss" in record else "train"
+        step, kind = record["step"], "val" if "val_loss" in record else "train" if "loss" in record else "eval"
         # Steps replayed after a resume were logged by the first attempt (identically: resume is exact).
         if step <= self.last_step[kind]:
             return

@@ -389,6 +389,35 @@ class FaultToleranceConfig:
 # training and root
 # ---------------------------------------------------------------------------------------------
 @dataclass
+class EvalConfig:
+    """Downstream evaluation with lm-evaluation-harness (titan/eval/): in the training loop every
+    `interval` steps, and by `python -m titan.tools.eval`. titan's local tasks
+    (titan/eval/tasks/) are always found; `include_path` adds more task YAML dirs."""
+
+    interval: int = 0  # steps between in-loop evaluations (and the last step); 0: off
+    tasks: list[str] = field(default_factory=list)
+    limit: Optional[int] = None  # examples per task (None: all)
+    num_fewshot: Optional[int] = None  # None: each task's default
+    batch_size: int = 8  # sequences per forward, per data-parallel rank
+    max_gen_tokens: int = 64  # cap on tokens generated per request (generate_until tasks)
+    include_path: Optional[str] = None
+    seed: int = 1234  # lm-eval's few-shot sampling seed
+
+
+@dataclass
+class SpikeGuardConfig:
+    """Skip the update of a step whose loss or grad norm is above mean + sigmas x std of the
+    last `window` accepted steps (titan/train/spike_guard.py)."""
+
+    enabled: bool = False
+    window: int = 50  # accepted steps the mean and std are taken over
+    sigmas: float = 6.0  # how many standard deviations above the mean is a spike
+    min_history: int = 20  # accepted steps before the guard judges at all
+    max_consecutive: int = 5  # after this many skips in a row, accept the step as the new level
+    watch: list[str] = field(default_factory=lambda: ["loss", "grad_norm"])
+
+
+@dataclass
 class TrainingConfig:
     steps: int = 300
     seq_len: int = 256
@@ -403,6 +432,7 @@ class TrainingConfig:
     val_interval: int = 100  # 0 disables validation
     val_batches: int = 4
     threads: Optional[int] = None  # torch intra-op threads per rank on CPU; None: auto
+    spike_guard: SpikeGuardConfig = field(default_factory=SpikeGuardConfig)
 
 
 class Task(str, Enum):
@@ -449,6 +479,7 @@ class TrainConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     # Filled by the launcher, not by users: where this run writes, and Hydra's group choices.
     run_dir: str = "outputs/run"
     choices: dict[str, Any] = field(default_factory=dict)

@@ -66,6 +66,12 @@ def validate_training(cfg: TrainConfig) -> None:
     _require(t.val_interval >= 0, "training.val_interval", "must be >= 0 (0 disables validation)")
     _require(t.val_batches > 0, "training.val_batches", "must be positive")
     _require(cfg.logging.interval > 0, "logging.interval", "must be positive")
+    g = t.spike_guard
+    _require(g.window >= 2, "training.spike_guard.window", "must be >= 2 (a standard deviation needs two steps)")
+    _require(g.sigmas > 0, "training.spike_guard.sigmas", "must be positive")
+    _require(g.max_consecutive >= 1, "training.spike_guard.max_consecutive", "must be >= 1")
+    bad = [w for w in g.watch if w not in ("loss", "grad_norm")]
+    _require(bool(g.watch) and not bad, "training.spike_guard.watch", f"{bad or 'empty'}: a list of loss and/or grad_norm")
 
 
 def validate_optim(cfg: TrainConfig) -> None:
@@ -151,6 +157,24 @@ def validate_finetune(cfg: TrainConfig, world_size: int) -> None:
         )
 
 
+def validate_eval(cfg: TrainConfig) -> None:
+    e = cfg.eval
+    _require(e.interval >= 0, "eval.interval", "must be >= 0 (0 disables in-loop evaluation)")
+    _require(not e.interval or bool(e.tasks), "eval.tasks", "eval.interval is set but no tasks are named; e.g. eval.tasks=[titan_choice,titan_copy]")
+    _require(e.limit is None or e.limit > 0, "eval.limit", "must be positive (or null for every example)")
+    _require(e.batch_size > 0, "eval.batch_size", "must be positive")
+    _require(e.max_gen_tokens > 0, "eval.max_gen_tokens", "must be positive")
+    if e.interval:
+        import importlib.util
+
+        _require(importlib.util.find_spec("lm_eval") is not None, "eval.interval",
+                 "in-loop evaluation needs lm-evaluation-harness: pip install 'titan[eval]' (or set eval.interval=0)")
+        _require(cfg.parallel.cp == 1, "eval.interval", "in-loop evaluation runs whole sequences; it needs parallel.cp=1 "
+                 "(evaluate the checkpoints with python -m titan.tools.eval)")
+        _require(cfg.parallel.pp == 1, "eval.interval", "in-loop evaluation needs the whole model on each rank group (parallel.pp=1); "
+                 "evaluate a checkpoint with python -m titan.tools.eval instead")
+
+
 def validate_parallel_names(cfg: TrainConfig) -> None:
     names = [s.value for s in PipelineSchedule]
     _require(cfg.parallel.pp_schedule in names, "parallel.pp_schedule", f"{cfg.parallel.pp_schedule!r} is not one of {', '.join(names)}")
@@ -223,6 +247,7 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
     validate_family_layout(cfg, world_size)
     validate_document_mask(cfg, world_size)
     validate_finetune(cfg, world_size)
+    validate_eval(cfg)
     from titan.fault_tolerance import validate_fault_tolerance
     from titan.parallel.mesh import validate_layout
     from titan.precision import validate_precision

@@ -26,6 +26,7 @@ GROUP_HELP = {
     "fault_tolerance": "torchft replica groups that train on when one dies and heal live",
     "task": "what is trained: pretrain (packed text) or sft (chat data, loss on replies)",
     "finetune": "which weights train: full, or LoRA adapters on frozen weights",
+    "experiment": "complete recipes (model, layout, precision, batch, eval) selected with experiment=NAME",
     "launcher": "where sweep jobs run (with -m): +launcher=local or +launcher=slurm",
     "sweeps": "ready-made multirun sweeps: python -m titan.train -m +sweeps=NAME",
 }

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from titan.checkpoint import Checkpointer, restore
+from titan.eval.loop import DownstreamEval
 from titan.config.schema import NanCheck, TrainConfig
 from titan.fault_tolerance import build_fault_tolerance
 from titan.metrics import MetricsLogger, Throughput, peak_flops, peak_memory_gib, reset_peak_memory
@@ -20,6 +21,7 @@ from titan.train.build import Components, build_components, summed_ce
 from titan.train.env import RankEnv
 from titan.train.interrupt import stop_agreed
 from titan.train.summary import startup_summary
+from titan.train.spike_guard import SpikeGuard
 from titan.train.weights import export_hf, load_initial_weights, save_seed_checkpoint
 
 log = logging.getLogger("titan")
@@ -49,6 +51,8 @@ class Trainer:
         self.profiler = StepProfiler(cfg.profiling, cfg.run_dir, env.rank, env.device)
         if env.is_main:  # what is about to be trained, before step 1 (which may take long)
             log.info(startup_summary(cfg, self.c, env.world_size, env.device, resume))
+        self.spike_guard = SpikeGuard(cfg.training.spike_guard)
+        self.downstream = DownstreamEval(cfg, self.c, env)  # eval.interval: lm-eval tasks in the loop
 
     # ------------------------------------------------------------------------------------
     def loss_fn(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -77,7 +81,8 @@ class Trainer:
         committed = True
         if self.ft is not None:
             loss, committed = self.ft.mean(loss, self.env.device), self.ft.should_commit()
-        if self.non_finite(loss, grad_norm) or not committed:  # nan_check=skip, or torchft said no
+        # profiling.nan_check=skip, training.spike_guard, or torchft's quorum said no: drop this update
+        if self.non_finite(loss, grad_norm) or self.spike_guard.should_skip(self.c.state.step, loss, grad_norm) or not committed:
             opt.zero_grad(set_to_none=True)
             return loss, grad_norm
         opt.step()
@@ -165,6 +170,7 @@ class Trainer:
                     memory_gib=peak_memory_gib(self.env.device),
                     tokens_seen=state.step * self.tokens_per_step,
                     elapsed_s=time.perf_counter() - started,
+                    skipped_steps=self.spike_guard.skipped,
                 )
                 if hasattr(self.c.loader, "source_tokens"):  # data.mix: tokens_seen/NAME per source
                     record.update(self.c.loader.source_tokens(self.c.loader.state_dict()))
@@ -172,6 +178,7 @@ class Trainer:
             if cfg.training.val_interval and (state.step % cfg.training.val_interval == 0 or state.step == last):
                 last_val = self.validate()
                 self.metrics.log({"step": state.step, **last_val, "tokens_seen": state.step * self.tokens_per_step})
+            self.downstream(state.step, last, state.step * self.tokens_per_step, self.metrics)
             self.checkpointer.poll()
             if self.checkpointer.should_save(state.step, last):
                 self.checkpointer.save(state.state_dict(), state.step)
@@ -193,6 +200,8 @@ class Trainer:
             "active_params": self.c.n_active_params,
             "flops_per_token": self.c.flops_per_token,
             "world_size": self.env.world_size,
+            "skipped_steps": self.spike_guard.skipped,
+            **self.downstream.last,
         }
         self.metrics.close(summary)
         return summary
