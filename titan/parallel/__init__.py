@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -44,7 +44,6 @@ def parallelize(
     parallel_cfg: ParallelConfig,
     precision_cfg: PrecisionConfig,
     before_data_parallel: Sequence[ModelTransform] = (),
-    cpu_offload: bool = False,
 ) -> nn.Module:
     """Apply TP, then `before_data_parallel` (activation checkpointing, compile: they must wrap
     the TP'd blocks and be wrapped by FSDP), then FSDP/HSDP (dp_shard x cp > 1) or DDP
@@ -72,7 +71,7 @@ def parallelize(
             precision_cfg.param_dtype,
             precision_cfg.reduce_dtype,
             parallel_cfg.reshard_after_forward,
-            cpu_offload,
+            parallel_cfg.cpu_offload,
         )
     elif _degree(mesh, "dp_replicate") > 1:
         apply_ddp(model, mesh.data_parallel, precision_cfg.param_dtype, precision_cfg.reduce_dtype)
@@ -104,9 +103,8 @@ class Parallel:
         self.pp_group = group_of(self.mesh, "pp")
         self.pp_rank = self.mesh["pp"].get_local_rank() if self.pp_enabled else 0
 
-    def apply(self, model: nn.Module, precision: Any = None, before_data_parallel: Sequence[ModelTransform] = ()) -> nn.Module:
-        """See `parallelize`. `precision` is accepted for the trainer's call but unused: FSDP's
-        dtypes come from the PrecisionConfig given at construction."""
+    def apply(self, model: nn.Module, before_data_parallel: Sequence[ModelTransform] = ()) -> nn.Module:
+        """See `parallelize`. FSDP's dtypes come from the PrecisionConfig given at construction."""
         return parallelize(model, self.mesh, self.cfg, self.precision_cfg, before_data_parallel)
 
     def build_pipeline(
@@ -152,7 +150,10 @@ class Parallel:
         )
 
     def materialize_and_init(self, model: nn.Module, device: torch.device, seed: int) -> None:
-        materialize_and_init(model, device, seed)
+        # CPU offload: FSDP2 expects the sharded parameters in CPU memory (it copies each
+        # group to the device for its forward / backward); buffers such as RoPE stay on it.
+        param_device = torch.device("cpu") if self.cfg.cpu_offload else device
+        materialize_and_init(model, param_device, seed, buffer_device=device)
 
     def loss_context(self):
         """Wrap the loss computation *and* backward in this."""

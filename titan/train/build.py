@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from titan.activation_checkpoint import apply_activation_checkpointing
-from titan.compile import apply_compile
+from titan.compile import apply_compile, compile_loss
 from titan.config.schema import TrainConfig
 from titan.data import build_data, build_tokenizer
 from titan.models import LlamaArgs, build_model, count_params, flops_per_token, model_args
@@ -45,6 +45,7 @@ class Components:
     accum_steps: int
     tokens_per_rank: int
     pipeline: Optional[Any] = None  # titan.parallel.pipeline.Pipeline when parallel.pp > 1
+    loss_fn: Optional[Callable] = None  # (logits, labels) -> this rank's loss; compiled with compile.loss
 
     @contextlib.contextmanager
     def forward_context(self):
@@ -91,18 +92,19 @@ def build_components(cfg: TrainConfig, env: RankEnv) -> Components:
         lambda m: apply_compile(m, cfg.compile),
     ]
     tokens_per_rank = t.global_batch_size * t.seq_len // parallel.loss_divisor
+    loss_fn = partial(compile_loss(summed_ce, cfg.compile), divisor=tokens_per_rank)
     pipeline = None
     if parallel.pp_enabled:  # this rank's stages of the model, each parallelised like a model
-        pipeline = parallel.build_pipeline(model, partial(summed_ce, divisor=tokens_per_rank), t.micro_batch_size, t.seq_len, transforms)
+        pipeline = parallel.build_pipeline(model, loss_fn, t.micro_batch_size, t.seq_len, transforms)
         for part in pipeline.model_parts:
             parallel.materialize_and_init(part, env.device, t.seed)
         model = pipeline.rank_model  # one module over the stages: optimizer, DCP, clipping
     else:
-        model = parallel.apply(model, precision, before_data_parallel=transforms)
+        model = parallel.apply(model, before_data_parallel=transforms)
         parallel.materialize_and_init(model, env.device, t.seed)
     model.train()
 
-    optimizer = build_optimizer(model, cfg.optim, cfg.precision)
+    optimizer = build_optimizer(model, cfg.optim, cfg.precision, seed=t.seed)  # bf16 states: rounding noise
     scheduler = build_lr_scheduler(optimizer, cfg.lr_schedule, t.steps)
     dp_rank, dp_world = parallel.dp_rank, parallel.dp_world
     loader, val_factory = build_data(
@@ -125,6 +127,7 @@ def build_components(cfg: TrainConfig, env: RankEnv) -> Components:
         accum_steps=accum_steps,
         tokens_per_rank=tokens_per_rank,
         pipeline=pipeline,
+        loss_fn=loss_fn,
     )
     if pipeline is not None:
         pipeline.loss_context = components.forward_context  # loss parallel + autocast per schedule step

@@ -15,7 +15,7 @@ from titan.checkpoint import Checkpointer, load_state
 from titan.config.schema import NanCheck, TrainConfig
 from titan.metrics import MetricsLogger, Throughput, peak_flops, peak_memory_gib, reset_peak_memory
 from titan.profiling import NonFiniteLoss, StepProfiler
-from titan.train.build import Components, build_components, summed_ce
+from titan.train.build import Components, build_components
 from titan.train.env import RankEnv
 from titan.train.weights import export_hf, load_initial_weights, save_seed_checkpoint
 
@@ -45,7 +45,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------
     def loss_fn(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return summed_ce(logits, labels, self.c.tokens_per_rank)
+        return self.c.loss_fn(logits, labels)
 
     def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
         """One optimizer step over the global batch; returns the global mean loss and grad norm."""
@@ -122,14 +122,16 @@ class Trainer:
             self.profiler.step_begin(state.step)
             t0 = time.perf_counter()
             batches = [self.c.loader.next_batch() for _ in range(self.accum_steps)]
-            self.throughput.add(self.tokens_per_step, time.perf_counter() - t0)
+            data_s = time.perf_counter() - t0
             loss, grad_norm = self.train_step(batches)
+            lr = self.c.scheduler.get_last_lr()[0]  # the LR this step used (step() moves on)
             self.c.scheduler.step()
+            self.throughput.add(self.tokens_per_step, data_s, time.perf_counter() - t0)
             self.profiler.step_end(state.step)
             losses.append(loss)
             first_loss = loss if first_loss is None else first_loss
             if state.step % interval == 0 or state.step == last or state.step == 1:
-                record = {"step": state.step, "loss": loss, "grad_norm": grad_norm, "lr": self.c.scheduler.get_last_lr()[0]}
+                record = {"step": state.step, "loss": loss, "grad_norm": grad_norm, "lr": lr}
                 record.update(self.throughput.measure())
                 record.update(
                     checkpoint_block_s=self.checkpointer.take_blocked(),
@@ -139,7 +141,9 @@ class Trainer:
                 )
                 self.metrics.log(record)
             if cfg.training.val_interval and (state.step % cfg.training.val_interval == 0 or state.step == last):
+                t_val = time.perf_counter()
                 last_val = self.validate()
+                self.throughput.add_validation(time.perf_counter() - t_val)
                 self.metrics.log({"step": state.step, **last_val, "tokens_seen": state.step * self.tokens_per_step})
             self.checkpointer.poll()
             if self.checkpointer.should_save(state.step, last):
