@@ -34,13 +34,12 @@ LAYOUTS = {
     # The compiled loss on vocab-sharded logits (loss parallel); aot_eager: no C++ compile.
     "tp_compiled_loss": (2, ["parallel=tp", "compile.loss=true", "compile.backend=aot_eager"], (1, 1, 1, 2)),
     "tp_no_sp_no_loss_parallel": (2, ["parallel=tp", "parallel.sequence_parallel=false", "parallel.loss_parallel=false"], (1, 1, 1, 2)),
-    "cp": (2, ["parallel=cp"], (1, 1, 2, 1)),
+    "cp_ring": (2, ["parallel=cp", "parallel.cp_mode=ring"], (1, 1, 2, 1)),  # allgather: fsdp_cp, cp_tp
     "hsdp": (4, ["parallel=hsdp"], (2, 2, 1, 1)),
     "fsdp_tp": (4, ["parallel=fsdp_tp"], (1, 2, 1, 2)),
     "fsdp4": (4, ["parallel=fsdp"], (1, 4, 1, 1)),
     "ddp_tp": (4, ["parallel=ddp", "parallel.tp=2"], (2, 1, 1, 2)),
     "fsdp_cp": (4, ["parallel=fsdp_cp"], (1, 2, 2, 1)),
-    "cp4_ring": (4, ["parallel=cp", "parallel.cp_mode=ring"], (1, 1, 4, 1)),
     # cp x tp: the cp groups {0, 2} and {1, 3} are not runs of consecutive ranks.
     "cp_tp": (4, ["parallel=cp", "parallel.cp=2", "parallel.tp=2"], (1, 1, 2, 2)),
     # Tied embedding/output: TP must re-tie the two sharded weights, FSDP keep them in one group.
