@@ -87,7 +87,7 @@ def worker(overrides: list[str], steps: int = 2) -> dict:
 
     def build(model_cfg):
         model = build_model(model_args(model_cfg, vocab, t.seq_len))
-        model = parallel.apply(model, None, [lambda m: apply_activation_checkpointing(m, cfg.activation_checkpoint)])
+        model = parallel.apply(model, [lambda m: apply_activation_checkpointing(m, cfg.activation_checkpoint)])
         parallel.materialize_and_init(model, torch.device("cpu"), t.seed)
         model.train()
         return model, build_optimizer(model, cfg.optim, cfg.precision)

@@ -1,44 +1,80 @@
-"""A tiny, fixed training run, executed in one process or in a spawned gloo world, so that
-every parallel layout can be compared step by step with the single-process reference.
+"""titan's real Trainer on a tiny fixed run, in one process or on every rank of a spawned gloo
+world, so that each parallel layout can be compared step by step with the single process.
 
-`run_reference()` runs in the calling process; `run_world(world, layouts)` spawns `world`
-ranks that run each layout in turn (one world, reused) and returns rank 0's results.
-Layouts are `conf/parallel/<preset>.yaml` names, optionally with field overrides; a layout
-with pp > 1 trains through `Parallel.build_pipeline` (overrides `micro_batch_size`: rows
-per `Pipeline.step`, default the rank's whole slice; `checkpoint_dir`: DCP-save the final
-model there); the override `float8` ("tensorwise" or "tensorwise_fsdp_all_gather")
-converts the block linears with torchao first, `model` (a dict) changes LlamaArgs fields;
-compare with `run_reference(float8, model)`.
+A run is a list of Hydra overrides on top of `BASE`. It goes the CLI's way: composed from
+conf/ by Hydra, typed and validated (`titan.config.validate.validate`) once, in the calling
+process, for the world size it will run in; then each rank sets itself up
+(`setup_rank`), builds `Trainer(cfg, env)` and takes `STEPS` optimizer steps exactly as
+`Trainer.fit` does: the rank's micro-batches from its own loader, `Trainer.train_step`, the LR
+scheduler, and a checkpoint when `checkpoint.interval` asks for one. So a regression in the
+real step (loss, gradient accumulation, clipping, pipeline, context or tensor parallel inputs)
+shows up as a difference from the single-process run.
+
+`run_reference(overrides)` runs in the calling process; `run_world(world, runs)` spawns
+`world` ranks that run each `(key, overrides)` in turn (one process group, reused) and returns
+rank 0's results. Results: `init` / `final` (full weights before / after), `losses` and
+`grad_norms` (the global values `train_step` returns), `val_loss` (`Trainer.validate`),
+`degrees`, `cpu_offload` (FSDP2 offloads), `compiled_graphs` (new torch.compile graphs); under pp also `stage_keys`, `n_microbatches`, `has_first_last` of rank 0.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import copy
+import functools
 import os
 import sys
 import tempfile
 import traceback
-from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import yaml
+from omegaconf import DictConfig, OmegaConf
 from torch.distributed.tensor import DTensor
 
-from titan.config.schema import ParallelConfig, PrecisionConfig, ReshardAfterForward
-from titan.models.llama3 import Llama3, LlamaArgs
-from titan.parallel import Parallel
+from titan.config.load import CONF_DIR, register_schemas, to_typed
+from titan.config.schema import ParallelConfig, ReshardAfterForward, TrainConfig
+from titan.config.validate import validate
+from titan.models import LlamaArgs
+from titan.train.env import RankEnv, setup_rank, teardown_rank
 from titan.train.launch import free_port
+from titan.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
-ARGS = LlamaArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=32, max_seq_len=16)
-SEQ, GLOBAL_BATCH, STEPS, SEED, LR, MAX_NORM = 16, 4, 5, 1234, 3e-3, 1.0
+SEQ, GLOBAL_BATCH, STEPS, SEED = 16, 4, 5, 1234
+MAX_NORM = 0.5  # below the first steps' gradient norms (~1.0-1.5): clipping is exercised
+# Tolerances against the single process. Gradient norms: torch's fp32 CPU norm kernel is itself
+# ~1e-5 relative off on the 2048 x 64 output gradient (measured, torch 2.13: fp64 gives
+# 1.0369572, one process 1.0369476, two FSDP shards 1.0369548), and the error depends on how
+# the gradient is sharded; the per-parameter gradients agree to ~1e-7.
+LOSS_RTOL, GRAD_NORM_RTOL, FINAL_ATOL = 1e-5, 5e-5, 5e-5
+# llama3_tiny (dim 64, 2 layers, 4 heads / 2 kv heads) on the default tokenizer's 2048 tokens.
+BASE = [
+    "model=llama3_tiny",
+    f"training.seq_len={SEQ}",
+    f"training.global_batch_size={GLOBAL_BATCH}",
+    f"training.steps={STEPS}",
+    f"training.seed={SEED}",
+    "training.device=cpu",
+    "training.threads=1",
+    "training.val_interval=0",
+    "training.val_batches=1",
+    "data.max_documents=200",
+    "optim.lr=3e-3",
+    f"optim.max_norm={MAX_NORM}",
+    "lr_schedule.warmup_steps=2",  # a changing LR: the scheduler must step as in fit
+    "logging.peak_tflops=1",  # no CPU matmul measurement per Trainer
+    "checkpoint.resume=none",
+]
+# The model BASE trains (conf/model/llama3_tiny.yaml, the default tokenizer's vocabulary), for
+# the in-process tests that build it, its stages or its init directly.
+ARGS = LlamaArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=2048, multiple_of=32, rope_theta=10000.0, max_seq_len=SEQ)
 
 
 def parallel_config(preset: str, **overrides) -> ParallelConfig:
+    """A `conf/parallel/` preset with field overrides, for layout checks that build nothing."""
     fields = yaml.safe_load((REPO / "conf" / "parallel" / f"{preset}.yaml").read_text())
     fields.update(overrides)
     if "reshard_after_forward" in fields:
@@ -46,22 +82,32 @@ def parallel_config(preset: str, **overrides) -> ParallelConfig:
     return ParallelConfig(**fields)
 
 
-def build_model(float8: Optional[str] = None, model_fields: Optional[dict] = None) -> Llama3:
-    """The tiny model on the meta device, block linears optionally converted to float8."""
-    with torch.device("meta"):
-        model = Llama3(dataclasses.replace(ARGS, **(model_fields or {})))
-    if float8:
-        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+@functools.lru_cache(maxsize=None)
+def _composed(groups: tuple[str, ...]) -> DictConfig:
+    """Hydra's composition of the root config with these group choices (cached: a Hydra
+    compose costs ~10x a tiny training run)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
-        config = Float8LinearConfig(enable_fsdp_float8_all_gather=float8 == "tensorwise_fsdp_all_gather")
-        convert_to_float8_training(model, config=config, module_filter_fn=lambda mod, fqn: fqn != "output")
-    return model
+    register_schemas()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return hydra_compose("train", overrides=list(groups))
 
 
-def batches() -> torch.Tensor:
-    """(STEPS, GLOBAL_BATCH, SEQ + 1) token ids: inputs are [:-1], labels [1:]."""
-    g = torch.Generator().manual_seed(SEED + 1)
-    return torch.randint(0, ARGS.vocab_size, (STEPS, GLOBAL_BATCH, SEQ + 1), generator=g)
+def train_config(overrides: list[str], world: int) -> TrainConfig:
+    """BASE + overrides as the CLI reads them: group choices (`parallel=fsdp`) composed by
+    Hydra from conf/, then the `key=value` overrides on top, typed (`to_typed`) and validated
+    (`validate`) for `world` ranks."""
+    every = [*BASE, *overrides]
+    groups = tuple(o for o in every if (CONF_DIR / o.split("=", 1)[0]).is_dir())
+    node = copy.deepcopy(_composed(groups))
+    for override in every:
+        key, value = override.split("=", 1)
+        if override not in groups:
+            OmegaConf.update(node, key, yaml.safe_load(value), merge=False)
+    cfg = to_typed(node)
+    validate(cfg, world)
+    return cfg
 
 
 def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -69,168 +115,109 @@ def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() for k, v in model.state_dict().items()}
 
 
-def train(model: torch.nn.Module, par: Parallel) -> dict:
-    """The trainer's step, as documented for titan.parallel: per-rank loss = token-summed CE
-    over this rank's slice / its token count; gradients are averaged by data parallelism."""
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
-    per_rank = GLOBAL_BATCH // par.dp_world
-    tokens_per_rank = GLOBAL_BATCH * SEQ // par.loss_divisor
-    losses, norms = [], []
-    for batch in batches():
-        rows = batch[par.dp_rank * per_rank : (par.dp_rank + 1) * per_rank]
-        inputs, labels = rows[:, :-1], rows[:, 1:]
-        with par.loss_context():
-            logits = model(inputs)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum") / tokens_per_rank
-            loss.backward()
-        norms.append(float(par.clip_grad_norm(model.parameters(), MAX_NORM)))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(par.mean_over_dp(loss.detach()))
-    return {"losses": losses, "grad_norms": norms}
-
-
-def eval_batch() -> torch.Tensor:
-    """(GLOBAL_BATCH, SEQ + 1) held-out token ids for a forward-only loss."""
-    g = torch.Generator().manual_seed(SEED + 2)
-    return torch.randint(0, ARGS.vocab_size, (GLOBAL_BATCH, SEQ + 1), generator=g)
-
-
-def summed_ce(tokens_per_rank: int):
-    """The trainer's loss: token-summed CE over this rank's tokens / its share of the batch."""
-
-    def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum") / tokens_per_rank
-
-    return loss_fn
-
-
-def gathered_full_state(module: torch.nn.Module, par: Parallel) -> dict[str, torch.Tensor]:
-    """The whole model's unsharded state, on every rank, from each rank's pipeline stages."""
+def _whole_model_state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """Every parameter of the whole model, on every rank (under pp: from every rank's stages)."""
+    state = full_state(trainer.c.model)
+    if trainer.c.pipeline is None:
+        return state
     parts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, full_state(module))
+    dist.all_gather_object(parts, state)
     return {k: v for part in parts for k, v in part.items()}
 
 
-def train_pipeline(par: Parallel, model: torch.nn.Module, micro_batch_size: Optional[int] = None, checkpoint_dir: Optional[str] = None) -> dict:
-    """`train` through a pipeline, as the trainer does under pp: one `Pipeline.step` per
-    micro-batch of `micro_batch_size` rows (default: this rank's whole slice, no gradient
-    accumulation), clipping over all stages, the loss reduced from the last stage.
-    `checkpoint_dir`: save the final model there with DCP (full-model names)."""
-    per_rank = GLOBAL_BATCH // par.dp_world
-    micro = micro_batch_size or per_rank
-    tokens_per_rank = GLOBAL_BATCH * SEQ // par.loss_divisor
-    pipe = par.build_pipeline(model, summed_ce(tokens_per_rank), micro, SEQ)
-    for part in pipe.model_parts:
-        par.materialize_and_init(part, torch.device("cpu"), SEED)
-    init = gathered_full_state(pipe.rank_model, par)
-    opt = torch.optim.AdamW(pipe.rank_model.parameters(), lr=LR, weight_decay=0.1)
-    losses, norms = [], []
-    for batch in batches():
-        rows = batch[par.dp_rank * per_rank : (par.dp_rank + 1) * per_rank]
-        total = None
-        for start in range(0, per_rank, micro):
-            inputs, labels, _ = par_local(par, rows[start : start + micro])
-            loss = pipe.step(inputs, labels)
-            total = loss if total is None else total + loss
-        norms.append(float(par.clip_grad_norm(pipe.model_parts, MAX_NORM)))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(par.mean_over_dp(total))
-    rows = eval_batch()[par.dp_rank * per_rank : (par.dp_rank + 1) * per_rank]
-    inputs, labels, _ = par_local(par, rows)
-    eval_loss = par.mean_over_dp(pipe.eval_loss(inputs, labels))
-    if checkpoint_dir:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import (
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
+def _offloads(model: torch.nn.Module) -> bool:
+    """Whether FSDP2 holds any of the model's parameter groups with a CPUOffloadPolicy."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule
 
-        # As TrainState saves: the rank's merged view stands for its model.
-        state = {"model": get_model_state_dict(pipe.rank_model), "optim": get_optimizer_state_dict(pipe.rank_model, opt)}
-        dcp.save(state, checkpoint_id=checkpoint_dir)
-    return {
+    groups = [m._get_fsdp_state()._fsdp_param_group for m in model.modules() if isinstance(m, FSDPModule)]
+    return any(isinstance(getattr(g, "offload_policy", None), CPUOffloadPolicy) for g in groups)
+
+
+def _train(cfg: TrainConfig, env: RankEnv) -> dict:
+    """`Trainer.fit`'s loop body, STEPS times, on a real Trainer; then its validation."""
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    trainer = Trainer(cfg, env)
+    c, state = trainer.c, trainer.c.state
+    init = _whole_model_state(trainer)
+    losses, norms = [], []
+    while state.step < cfg.training.steps:
+        state.step += 1
+        batches = [c.loader.next_batch() for _ in range(trainer.accum_steps)]
+        loss, grad_norm = trainer.train_step(batches)
+        c.scheduler.step()
+        losses.append(loss)
+        norms.append(grad_norm)
+        if trainer.checkpointer.should_save(state.step, cfg.training.steps):
+            trainer.checkpointer.save(state.state_dict(), state.step)
+    trainer.checkpointer.close()
+    out = {
         "init": init,
         "losses": losses,
         "grad_norms": norms,
-        "eval_loss": eval_loss,
-        "final": gathered_full_state(pipe.rank_model, par),
-        "stage_keys": sorted(pipe.rank_model.state_dict().keys()),
-        "n_microbatches": pipe.n_microbatches,
-        "has_first_last": (pipe.has_first, pipe.has_last),
+        "final": _whole_model_state(trainer),
+        "val_loss": trainer.validate()["val_loss"],
+        "degrees": dict(c.parallel.degrees),
+        "cpu_offload": _offloads(c.model),
+        "compiled_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs,
     }
+    if c.pipeline is not None:
+        out.update(
+            stage_keys=sorted(c.model.state_dict()),
+            n_microbatches=c.pipeline.n_microbatches,
+            has_first_last=(c.pipeline.has_first, c.pipeline.has_last),
+        )
+    return out
 
 
-def par_local(par: Parallel, rows: torch.Tensor):
-    """(inputs, labels, positions) of this rank: the context-parallel slice under cp."""
-    from titan.parallel.context_parallel import cp_inputs
-
-    return cp_inputs(rows[:, :-1], rows[:, 1:], par.cp_rank, par.cp_size)
-
-
-def run_reference(float8: Optional[str] = None, model_fields: Optional[dict] = None) -> dict:
-    """One process, plain init: `torch.manual_seed(seed); to_empty; init_weights()`."""
-    par = Parallel(parallel_config("single"), PrecisionConfig(), world_size=1, device_type="cpu")
-    torch.manual_seed(SEED)
-    model = build_model(float8, model_fields)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    init = full_state(model)
-    out = train(model, par)
-    with torch.no_grad():
-        rows = eval_batch()
-        logits = model(rows[:, :-1])
-        eval_loss = float(F.cross_entropy(logits.flatten(0, 1), rows[:, 1:].flatten()))
-    return {"init": init, **out, "final": full_state(model), "eval_loss": eval_loss}
+def _with_run_dir(cfg: TrainConfig, run_dir: str) -> TrainConfig:
+    if cfg.run_dir == TrainConfig.run_dir:  # not chosen by the caller: a scratch directory
+        cfg.run_dir = run_dir
+    return cfg
 
 
-def _run_layout(preset: str, overrides: dict, world: int) -> dict:
-    overrides = dict(overrides)
-    float8, model_fields = overrides.pop("float8", None), overrides.pop("model", None)
-    micro_batch_size, checkpoint_dir = overrides.pop("micro_batch_size", None), overrides.pop("checkpoint_dir", None)
-    par = Parallel(parallel_config(preset, **overrides), PrecisionConfig(), world_size=world, device_type="cpu")
-    if par.pp_enabled:
-        out = train_pipeline(par, build_model(float8, model_fields), micro_batch_size, checkpoint_dir)
-        return {**out, "degrees": par.degrees}
-    model = par.apply(build_model(float8, model_fields))
-    par.materialize_and_init(model, torch.device("cpu"), SEED)
-    init = full_state(model)
-    out = train(model, par)
-    return {"init": init, **out, "final": full_state(model), "degrees": par.degrees}
+def run_reference(overrides: tuple[str, ...] | list[str] = ()) -> dict:
+    """The run in this process, no process group (parallel=single)."""
+    cfg = train_config(["parallel=single", *overrides], 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        return _train(_with_run_dir(cfg, tmp), RankEnv(0, 1, 0, torch.device("cpu")))
 
 
-def _worker(rank: int, world: int, port: int, layouts: list, out_path: str) -> None:
+def _worker(rank: int, world: int, port: int, runs: list, out_path: str, scratch: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     results = {}
+    env = setup_rank(runs[0][1])  # the process group, once for every run
     try:
-        for key, preset, overrides in layouts:
+        for key, cfg in runs:
             try:
-                results[key] = _run_layout(preset, overrides, world)
-            except Exception:  # reported per layout; the peers fail at their next collective
+                results[key] = _train(_with_run_dir(cfg, os.path.join(scratch, key)), env)
+            except Exception:  # reported per run; the peers fail at their next collective
                 results[key] = {"error": f"rank {rank}: {traceback.format_exc()}"}
                 if rank != 0:  # only rank 0's results come back: show the others' errors
                     print(f"[{key}] {results[key]['error']}", file=sys.stderr)
                 break
         if rank == 0:
             torch.save(results, out_path)
-        dist.barrier()
     finally:
-        dist.destroy_process_group()
+        teardown_rank()
 
 
-def run_world(world: int, layouts: list[tuple[str, str, dict]], timeout: Optional[float] = None) -> dict:
-    """Spawn `world` gloo ranks that run each (key, preset, overrides) layout in turn."""
+def run_world(world: int, runs: list[tuple[str, list[str]]]) -> dict:
+    """Spawn `world` gloo ranks that run each (key, overrides) in turn; rank 0's results."""
     import torch.multiprocessing as mp
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    configs = []
+    for key, overrides in runs:  # composed and validated here, once, as the launcher does
+        try:
+            configs.append((key, train_config(list(overrides), world)))
+        except Exception:
+            return {key: {"error": traceback.format_exc()}}
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "results.pt")
         try:
-            mp.spawn(_worker, args=(world, free_port(), layouts, out), nprocs=world, join=True)
+            mp.spawn(_worker, args=(world, free_port(), configs, out, tmp), nprocs=world, join=True)
         except Exception as err:  # a rank died: keep what rank 0 wrote, if anything
             if not os.path.exists(out):
-                return {key: {"error": f"world of {world} failed: {err}"} for key, _, _ in layouts}
+                return {key: {"error": f"world of {world} failed: {err}"} for key, _ in runs}
         return torch.load(out, weights_only=False)

@@ -107,7 +107,7 @@ def test_off_modes_change_nothing_and_bad_every_is_refused():
     assert apply_activation_checkpointing(model, ActivationCheckpointConfig()) is model
     assert apply_compile(model, CompileConfig()) is model
     assert all(type(b).__name__ == "TransformerBlock" for b in model.layers.values())
-    assert compile_loss(F.cross_entropy, CompileConfig(loss=True)) is F.cross_entropy  # mode off
+    assert compile_loss(F.cross_entropy, CompileConfig(mode=CompileMode.model)) is F.cross_entropy  # loss=false
     with pytest.raises(ConfigError, match="every"):
         apply_activation_checkpointing(model, ActivationCheckpointConfig(mode=ACMode.selective_layer, every=0))
 

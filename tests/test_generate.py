@@ -156,7 +156,7 @@ def _tp_worker(rank: int, world: int, port: int, ckpt: str, out: str) -> None:
 def test_tensor_parallel_generation_matches_one_process(tmp_path, model):
     import torch.multiprocessing as mp
 
-    from tests.parallel_harness import free_port
+    from titan.train.launch import free_port
 
     save_dcp_model(tmp_path / "ckpt", model.state_dict(), model.args)
     out = tmp_path / "tp.pt"

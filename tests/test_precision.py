@@ -171,7 +171,6 @@ def test_bf16_autocast_without_fsdp(caplog, fp32_losses):
     with caplog.at_level(logging.WARNING, logger="titan"):
         mp = mixed_precision(cfg, "cpu", fsdp_enabled=False)
     assert "slow" in caplog.text
-    assert mp.fsdp_policy is None
     model = tiny_model()
     with mp.autocast():
         assert model(batches(1)[0][:, :-1]).dtype is torch.bfloat16
@@ -180,14 +179,14 @@ def test_bf16_autocast_without_fsdp(caplog, fp32_losses):
     assert losses == pytest.approx(fp32_losses[:2], rel=2e-2)
 
 
-def test_fsdp_gets_policy_and_no_autocast():
+def test_fsdp_casts_so_no_autocast():
+    """Under FSDP2 the parameters are cast at all-gather (titan.parallel.fsdp builds the
+    MixedPrecisionPolicy from the same PrecisionConfig): no autocast on top."""
     mp = mixed_precision(PrecisionConfig(param_dtype=DType.bfloat16), "cuda", fsdp_enabled=True)
-    assert (mp.fsdp_policy.param_dtype, mp.fsdp_policy.reduce_dtype) == (torch.bfloat16, torch.float32)
-    assert mp.param_dtype is torch.bfloat16
+    assert (mp.param_dtype, mp.reduce_dtype) == (torch.bfloat16, torch.float32)
     with mp.autocast():
         assert not torch.is_autocast_enabled("cpu")
     fp32 = mixed_precision(PrecisionConfig(), "cpu", fsdp_enabled=False)
-    assert fp32.fsdp_policy is None
     with fp32.autocast():
         assert not torch.is_autocast_enabled("cpu")
 
@@ -206,10 +205,10 @@ def test_post_optimizer_hook_is_a_noop_without_float8_all_gather():
 def _fsdp_worker(rank: int, world: int, port: int, results) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import distribute_tensor
 
     from titan.models.llama3 import rope_table
+    from titan.parallel.fsdp import apply_fsdp
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -219,9 +218,7 @@ def _fsdp_worker(rank: int, world: int, port: int, results) -> None:
         model = tiny_model("meta")
         prec.convert(model)
         mesh = init_device_mesh("cpu", (world,))
-        for block in model.layers.values():
-            fully_shard(block, mesh=mesh, mp_policy=prec.fsdp_policy)
-        fully_shard(model, mesh=mesh, mp_policy=prec.fsdp_policy)
+        apply_fsdp(model, mesh)  # as the trainer shards (fp32: precision's dtypes)
         # Same weights as one process: initialise whole, then keep this rank's shard.
         full = materialize(tiny_model("meta")).state_dict()
         model.to_empty(device="cpu")

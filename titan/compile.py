@@ -38,7 +38,9 @@ def apply_compile(model: nn.Module, cfg: CompileConfig) -> nn.Module:
 
 
 def compile_loss(fn: Callable, cfg: CompileConfig) -> Callable:
-    """The loss compiled when `compile.loss` is set and compilation is on; else `fn` itself."""
-    if cfg.loss and cfg.mode is not CompileMode.off:
+    """`fn` compiled when `compile.loss` is set (whatever `compile.mode` does to the model);
+    else `fn` itself. Like torchtitan's `compile.components=["loss"]`: the fp32 upcast and the
+    cross-entropy become one graph."""
+    if cfg.loss:
         return torch.compile(fn, backend=cfg.backend)
     return fn

@@ -95,7 +95,11 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 class Throughput:
-    """Tokens/s, achieved TFLOP/s and MFU over the window since the last `measure`."""
+    """Tokens/s, achieved TFLOP/s and MFU over the training steps since the last `measure`.
+
+    Only the time of training steps (data + `train_step` + schedule) counts: validation and
+    checkpoint saves in between would otherwise show up as a slower training. Validation
+    time is reported on its own as `val_s` (checkpoint saves as `checkpoint_block_s`)."""
 
     def __init__(self, flops_per_token: float, world_size: int, peak_flops_per_device: float):
         self.flops_per_token = flops_per_token
@@ -103,14 +107,20 @@ class Throughput:
         self.peak = peak_flops_per_device
         self.tokens = 0
         self.data_time = 0.0
-        self.t0 = time.perf_counter()
+        self.step_time = 0.0
+        self.val_time = 0.0
 
-    def add(self, tokens: int, data_time: float) -> None:
+    def add(self, tokens: int, data_time: float, step_time: float) -> None:
+        """One training step: its tokens, seconds waiting for data, and seconds in all."""
         self.tokens += tokens
         self.data_time += data_time
+        self.step_time += step_time
+
+    def add_validation(self, seconds: float) -> None:
+        self.val_time += seconds
 
     def measure(self) -> dict[str, float]:
-        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        elapsed = max(self.step_time, 1e-9)
         tps = self.tokens / elapsed
         per_device = tps / self.world_size
         flops = self.flops_per_token * per_device
@@ -120,8 +130,9 @@ class Throughput:
             "tflops": flops / 1e12,
             "mfu": flops / self.peak,
             "data_time_frac": self.data_time / elapsed,
+            "val_s": self.val_time,
         }
-        self.tokens, self.data_time, self.t0 = 0, 0.0, time.perf_counter()
+        self.tokens, self.data_time, self.step_time, self.val_time = 0, 0.0, 0.0, 0.0
         return out
 
 

@@ -125,6 +125,7 @@ class ParallelConfig:
     # FSDP2
     fsdp: bool = True  # shard with fully_shard over dp_shard (False with dp_shard=1 => DDP)
     reshard_after_forward: ReshardAfterForward = ReshardAfterForward.default
+    cpu_offload: bool = False  # FSDP2 keeps sharded params, grads and optimizer state in CPU memory
     # Tensor parallel
     sequence_parallel: bool = True
     loss_parallel: bool = True
@@ -174,7 +175,7 @@ class CompileMode(str, Enum):
 @dataclass
 class CompileConfig:
     mode: CompileMode = CompileMode.off
-    loss: bool = False  # also compile the loss function
+    loss: bool = False  # compile the loss function (independent of `mode`)
     backend: str = "inductor"
 
 

@@ -1,8 +1,9 @@
 """Reading model weights out of DCP checkpoints in one process, and single-file exports.
 
-A training checkpoint holds {"model": ..., "optim": ..., "train": ...}; conversion and generation
-need only "model". DCP reads without a process group (`no_dist`), and reshards whatever layout
-the run saved (FSDP shards, TP slices) into whole tensors.
+A training checkpoint holds `TrainState.state_dict()`: {"step", "model", "optim",
+"lr_scheduler", "data", "rng"}; conversion and generation need only "model". DCP reads without
+a process group (`no_dist`), and reshards whatever layout the run saved (FSDP shards, TP
+slices) into whole tensors.
 
 Two safety details: DCP's `.metadata` is a pickle, which `pickle.load` would let run code, so it
 is read with an unpickler that only builds DCP's own metadata classes; and tensor data goes

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -45,7 +45,6 @@ def parallelize(
     parallel_cfg: ParallelConfig,
     precision_cfg: PrecisionConfig,
     before_data_parallel: Sequence[ModelTransform] = (),
-    cpu_offload: bool = False,
     ep_mesh=None,
 ) -> nn.Module:
     """Apply TP, then `before_data_parallel` (activation checkpointing, compile: they must wrap
@@ -76,7 +75,7 @@ def parallelize(
             precision_cfg.param_dtype,
             precision_cfg.reduce_dtype,
             parallel_cfg.reshard_after_forward,
-            cpu_offload,
+            parallel_cfg.cpu_offload,
             ignored_params=expert_params(model) if ep_mesh is not None else None,
         )
     elif _degree(mesh, "dp_replicate") > 1:
@@ -112,9 +111,8 @@ class Parallel:
         if parallel_cfg.ep > 1:
             self.ep_mesh, self.ep_replicas = ep_meshes(d, parallel_cfg.ep, device_type)
 
-    def apply(self, model: nn.Module, precision: Any = None, before_data_parallel: Sequence[ModelTransform] = ()) -> nn.Module:
-        """See `parallelize`. `precision` is accepted for the trainer's call but unused: FSDP's
-        dtypes come from the PrecisionConfig given at construction."""
+    def apply(self, model: nn.Module, before_data_parallel: Sequence[ModelTransform] = ()) -> nn.Module:
+        """See `parallelize`. FSDP's dtypes come from the PrecisionConfig given at construction."""
         count_over(model, self.dp_cp_group)  # MoE loads over the whole batch, whatever the layout
         self._models.append(model)
         return parallelize(model, self.mesh, self.cfg, self.precision_cfg, before_data_parallel, ep_mesh=self.ep_mesh)
@@ -162,7 +160,10 @@ class Parallel:
         )
 
     def materialize_and_init(self, model: nn.Module, device: torch.device, seed: int) -> None:
-        materialize_and_init(model, device, seed)
+        # CPU offload: FSDP2 expects the sharded parameters in CPU memory (it copies each
+        # group to the device for its forward / backward); buffers such as RoPE stay on it.
+        param_device = torch.device("cpu") if self.cfg.cpu_offload else device
+        materialize_and_init(model, param_device, seed, buffer_device=device)
 
     def loss_context(self):
         """Wrap the loss computation *and* backward in this."""

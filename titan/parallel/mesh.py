@@ -81,6 +81,12 @@ def validate_layout(cfg, world_size: int) -> None:
         )
     if not p.fsdp and cp > 1:
         raise ConfigError("parallel.fsdp", "context parallelism shards parameters over dp_shard x cp with FSDP; set parallel.fsdp=true")
+    if p.cpu_offload and deg["dp_shard"] * cp == 1:
+        raise ConfigError(
+            "parallel.cpu_offload",
+            "offloads FSDP2's shards, and this layout shards nothing (dp_shard x cp = 1); "
+            "use an FSDP layout (e.g. parallel=fsdp) or set parallel.cpu_offload=false",
+        )
 
     if tp > 1:
         kv = m.n_kv_heads or m.n_heads

@@ -3,7 +3,7 @@
 The trainer builds one `Precision` per rank and uses it at three points:
     precision = build_precision(cfg, device_type, fsdp_enabled)
     precision.convert(model)           # on the meta model, before TP / AC / compile / FSDP
-    fully_shard(..., mp_policy=precision.fsdp_policy)
+    (FSDP2's MixedPrecisionPolicy is built by titan.parallel from the same PrecisionConfig)
     with precision.autocast(): loss = ...   # forward + loss
     optimizer.step(); precision.after_optimizer_step(model)
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import ContextManager, Optional, Union
+from typing import ContextManager, Union
 
 from torch import nn
 
@@ -61,11 +61,6 @@ class Precision:
     device_type: str
     fsdp_enabled: bool
     mixed: MixedPrecision
-
-    @property
-    def fsdp_policy(self) -> Optional[object]:
-        """MixedPrecisionPolicy for fully_shard, or None without FSDP."""
-        return self.mixed.fsdp_policy
 
     @property
     def float8_tensorwise_tp(self) -> bool:

@@ -1,4 +1,4 @@
-"""bf16 compute: FSDP2's MixedPrecisionPolicy when sharding, torch.autocast otherwise.
+"""bf16 compute: FSDP2 casts when sharding (titan.parallel.fsdp), torch.autocast otherwise.
 
 With FSDP2 the sharded fp32 params are cast to `param_dtype` at all-gather and gradients are
 reduced in `reduce_dtype`, so no autocast is needed. Without FSDP, autocast runs the forward's
@@ -11,7 +11,7 @@ import contextlib
 import functools
 import logging
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Optional
+from typing import Callable, ContextManager
 
 import torch
 
@@ -26,8 +26,6 @@ TORCH_DTYPES = {DType.float32: torch.float32, DType.bfloat16: torch.bfloat16, DT
 class MixedPrecision:
     param_dtype: torch.dtype
     reduce_dtype: torch.dtype
-    # FSDP2 MixedPrecisionPolicy for fully_shard(mp_policy=...); None without FSDP.
-    fsdp_policy: Optional[object]
     # Call for a fresh context manager around each forward (+ loss).
     autocast: Callable[[], ContextManager]
 
@@ -42,13 +40,8 @@ def mixed_precision(cfg: PrecisionConfig, device_type: str, fsdp_enabled: bool) 
             cfg.param_dtype.value,
         )
 
-    fsdp_policy = None
     autocast: Callable[[], ContextManager] = contextlib.nullcontext
-    if fsdp_enabled:
-        from torch.distributed.fsdp import MixedPrecisionPolicy
-
-        fsdp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    elif param_dtype is not torch.float32:
+    if not fsdp_enabled and param_dtype is not torch.float32:  # FSDP casts at all-gather instead
         autocast = functools.partial(torch.autocast, device_type, dtype=param_dtype)
 
-    return MixedPrecision(param_dtype, reduce_dtype, fsdp_policy, autocast)
+    return MixedPrecision(param_dtype, reduce_dtype, autocast)

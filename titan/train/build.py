@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from titan.activation_checkpoint import apply_activation_checkpointing
-from titan.compile import apply_compile
+from titan.compile import apply_compile, compile_loss
 from titan.config.schema import SFTPacking, Task, TrainConfig
 from titan.data import build_data, build_tokenizer
 from titan.fault_tolerance import replica_groups
@@ -135,7 +135,7 @@ def build_components(cfg: TrainConfig, env: RankEnv) -> Components:
     # Fault-tolerant replica groups take their slices of the global batch like dp ranks.
     groups, group = replica_groups(cfg), cfg.fault_tolerance.group_id if cfg.fault_tolerance.enabled else 0
     tokens_per_rank = t.global_batch_size * t.seq_len // (parallel.loss_divisor * groups)
-    loss = TokenSumLoss(tokens_per_rank)
+    loss = TokenSumLoss(tokens_per_rank, compile_loss(token_ce_sum, cfg.compile))
     pipeline = None
     if parallel.pp_enabled:  # this rank's stages of the model, each parallelised like a model
         pipeline = parallel.build_pipeline(model, loss, t.micro_batch_size, t.seq_len, transforms)
@@ -143,11 +143,11 @@ def build_components(cfg: TrainConfig, env: RankEnv) -> Components:
             parallel.materialize_and_init(part, env.device, t.seed)
         model = pipeline.rank_model  # one module over the stages: optimizer, DCP, clipping
     else:
-        model = parallel.apply(model, precision, before_data_parallel=transforms)
+        model = parallel.apply(model, before_data_parallel=transforms)
         parallel.materialize_and_init(model, env.device, t.seed)
     model.train()
 
-    optimizer = build_optimizer(model, cfg.optim, cfg.precision)
+    optimizer = build_optimizer(model, cfg.optim, cfg.precision, seed=t.seed)  # bf16 states: rounding noise
     scheduler = build_lr_scheduler(optimizer, cfg.lr_schedule, t.steps)
     dp_rank, dp_world = group * parallel.dp_world + parallel.dp_rank, groups * parallel.dp_world
     sft = cfg.task.name is Task.sft
@@ -202,11 +202,16 @@ def build_sft_components(cfg: TrainConfig, tokenizer: Any, parallel: Any):
     )
 
 
+def token_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy summed over the tokens (labels -100 ignored), in fp32."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
+
+
 def summed_ce(logits: torch.Tensor, labels: torch.Tensor, divisor: int) -> torch.Tensor:
     """Token-summed cross-entropy over this rank's share of the global batch, divided by the
     tokens it holds. Every rank holds the same number of tokens, so the data-parallel gradient
     average equals the gradient of the global-batch mean, whatever the layout."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum") / divisor
+    return token_ce_sum(logits, labels) / divisor
 
 
 class TokenSumLoss:
@@ -214,8 +219,9 @@ class TokenSumLoss:
     for pretraining; for SFT, the rank's share of the trained (label != -100) tokens of the
     whole global batch, counted before the backward passes."""
 
-    def __init__(self, divisor: float):
+    def __init__(self, divisor: float, ce_sum: Callable = token_ce_sum):
         self.divisor = divisor
+        self.ce_sum = ce_sum  # compiled with compile.loss; the divisor stays outside the graph
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return summed_ce(logits, labels, self.divisor)
+        return self.ce_sum(logits, labels) / self.divisor

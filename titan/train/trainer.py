@@ -17,7 +17,7 @@ from titan.config.schema import NanCheck, TrainConfig
 from titan.fault_tolerance import build_fault_tolerance
 from titan.metrics import MetricsLogger, Throughput, peak_flops, peak_memory_gib, reset_peak_memory
 from titan.profiling import NonFiniteLoss, StepProfiler
-from titan.train.build import Components, build_components, summed_ce
+from titan.train.build import Components, build_components
 from titan.train.env import RankEnv
 from titan.train.interrupt import stop_agreed
 from titan.train.summary import startup_summary
@@ -153,14 +153,16 @@ class Trainer:
             self.profiler.step_begin(state.step)
             t0 = time.perf_counter()
             batches = [self.c.loader.next_batch() for _ in range(self.accum_steps)]
-            self.throughput.add(self.tokens_per_step, time.perf_counter() - t0)
+            data_s = time.perf_counter() - t0
             loss, grad_norm = self.train_step(batches)
+            lr = self.c.scheduler.get_last_lr()[0]  # the LR this step used (step() moves on)
             self.c.scheduler.step()
+            self.throughput.add(self.tokens_per_step, data_s, time.perf_counter() - t0)
             self.profiler.step_end(state.step)
             losses.append(loss)
             first_loss = loss if first_loss is None else first_loss
             if state.step % interval == 0 or state.step == last or state.step == 1:
-                record = {"step": state.step, "loss": loss, "grad_norm": grad_norm, "lr": self.c.scheduler.get_last_lr()[0]}
+                record = {"step": state.step, "loss": loss, "grad_norm": grad_norm, "lr": lr}
                 record.update(self.throughput.measure())
                 if self.ft is not None:
                     record.update(self.ft.metrics())
@@ -176,7 +178,9 @@ class Trainer:
                     record.update(self.c.loader.source_tokens(self.c.loader.state_dict()))
                 self.metrics.log(record)
             if cfg.training.val_interval and (state.step % cfg.training.val_interval == 0 or state.step == last):
+                t_val = time.perf_counter()
                 last_val = self.validate()
+                self.throughput.add_validation(time.perf_counter() - t_val)
                 self.metrics.log({"step": state.step, **last_val, "tokens_seen": state.step * self.tokens_per_step})
             self.downstream(state.step, last, state.step * self.tokens_per_step, self.metrics)
             self.checkpointer.poll()
