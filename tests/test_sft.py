@@ -225,10 +225,10 @@ def test_llama3_8b_sft_experiment_composes_validates_and_dry_runs(tmp_path) -> N
     from titan.config.schema import DType, Task
     from titan.config.validate import validate
 
-    cfg = compose_typed("+experiment=llama3_8b_sft", "tokenizer=default")
+    cfg = compose_typed("experiment=llama3_8b_sft", "tokenizer=default")
     assert (cfg.model.name, cfg.parallel.name, cfg.task.name, cfg.precision.param_dtype) == ("llama3_8b", "fsdp", Task.sft, DType.bfloat16)
     assert cfg.optim.lr == 2e-5 and cfg.lr_schedule.name.value == "cosine" and cfg.checkpoint.export_hf
     validate(cfg, world_size=8)  # 64 sequences over 8 ranks, 2 per micro-batch
-    run = run_titan(tmp_path / "dry", "+experiment=llama3_8b_sft", "tokenizer=default", "training.dry_run=true", tiny=False)
+    run = run_titan(tmp_path / "dry", "experiment=llama3_8b_sft", "tokenizer=default", "training.dry_run=true", tiny=False)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "8,030,261,248 parameters" in run.stdout
