@@ -18,6 +18,7 @@ from tests.helpers import run_titan
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 CPU_EXPERIMENTS = [e for e in EXPERIMENTS if e.endswith("_cpu")]
 GPU_EXPERIMENTS = {"llama3_8b_fsdp_tp_float8": (8, 8.03e9), "llama3_70b_hsdp_tp": (256, 70.6e9), "llama3_405b_3d": (512, 405.9e9)}
+SFT_EXPERIMENTS = {"llama3_8b_sft": (8, 8.03e9)}  # fine-tuning recipes: chat data, no float8
 
 
 def _compose(name: str, *extra: str):
@@ -39,7 +40,7 @@ def test_published_setups_are_present():
 def test_experiment_composes_validates_and_dry_runs(name, tmp_path):
     tokenizer = tmp_path / "tokenizer.model"  # only its existence is checked before building
     tokenizer.write_text("")
-    cfg = _compose(name, f"tokenizer.path={tokenizer}" if name in GPU_EXPERIMENTS else "tokenizer.path=null")
+    cfg = _compose(name, "tokenizer.path=null" if name in CPU_EXPERIMENTS else f"tokenizer.path={tokenizer}")
     world = _world(cfg)
     validate(cfg, world)
     report = dry_run(cfg)
@@ -50,6 +51,10 @@ def test_experiment_composes_validates_and_dry_runs(name, tmp_path):
         assert world == expected_world and report["params"] == pytest.approx(params, rel=0.01)
         assert cfg.precision.float8.value != "none" and cfg.training.seq_len == 8192
         assert cfg.data.path == "allenai/c4" and cfg.logging.backend.value == "wandb"
+    elif name in SFT_EXPERIMENTS:
+        expected_world, params = SFT_EXPERIMENTS[name]
+        assert world == expected_world and report["params"] == pytest.approx(params, rel=0.01)
+        assert cfg.task.name.value == "sft" and cfg.checkpoint.export_hf
     else:
         assert cfg.eval.interval > 0 and cfg.eval.tasks
 

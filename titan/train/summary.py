@@ -33,6 +33,10 @@ def _data(cfg: TrainConfig) -> str:
         where += f" ({d.hf_config}, split {d.hf_split})"
     held = f"{d.val_fraction:.0%} held out for validation" if cfg.training.val_interval and d.val_fraction else "no validation"
     cap = f", first {d.max_documents} documents" if d.max_documents else ""
+    if cfg.task.name.value == "sft":  # conversations, loss on the assistant's tokens only
+        where = d.path or "question/answer pairs from the standard library's docstrings (embedded)"
+        packing = "packed" if d.sft_packing.value == "pack" else "padded"
+        return f"sft conversations: {where}, {packing}; {held} (conversations)"
     return f"{d.source.value}: {where}{cap}; {held}"
 
 
