@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,6 +20,10 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner
 
 from titan.config.schema import AsyncMode, CheckpointConfig
+
+# A single-process run saves and loads with DCP without a process group, as intended; DCP
+# warns about that on every call.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 log = logging.getLogger("titan")
 COMPLETE = ".complete"
