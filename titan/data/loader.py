@@ -45,6 +45,12 @@ def check_batch_layout(seq_len: int, global_batch_size: int, micro_batch_size: i
     return local
 
 
+def micro_batch(windows: torch.Tensor, index: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Micro-batch `index` of a rank's windows (rows of seq_len + 1 tokens): inputs and labels."""
+    rows = windows[index * size:(index + 1) * size]
+    return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+
 class TokenLoader:
     """Packed `(inputs, labels)` micro-batches for one data-parallel rank.
 
@@ -204,10 +210,9 @@ class TokenLoader:
             if not self._next_global_batch():
                 self._windows = None
                 raise StopIteration
-        m = self.micro_batch_size
-        rows = self._windows[self._micro * m:(self._micro + 1) * m]
+        batch = micro_batch(self._windows, self._micro, self.micro_batch_size)
         self._micro += 1
-        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+        return batch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from titan.config.errors import ConfigError
-from titan.data.loader import TokenLoader, check_batch_layout
+from titan.data.loader import TokenLoader, check_batch_layout, micro_batch
 
 
 def schedule(weights: list[float]) -> tuple[np.ndarray, np.ndarray]:
@@ -141,10 +141,9 @@ class MixtureLoader:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._windows is None or self._micro == self.micro_batches_per_step:
             self._next_global_batch()
-        m = self.micro_batch_size
-        rows = self._windows[self._micro * m:(self._micro + 1) * m]
+        batch = micro_batch(self._windows, self._micro, self.micro_batch_size)
         self._micro += 1
-        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+        return batch
 
     def state_dict(self) -> dict[str, Any]:
         if self._windows is not None and self._micro < self.micro_batches_per_step:

@@ -21,7 +21,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
-from titan.data.loader import check_batch_layout
+from titan.data.loader import check_batch_layout, micro_batch
 from titan.data.store import SplitTokens
 
 
@@ -75,10 +75,9 @@ class StoreLoader:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._windows is None or self._micro == self.micro_batches_per_step:
             self._next_global_batch()
-        m = self.micro_batch_size
-        rows = self._windows[self._micro * m:(self._micro + 1) * m]
+        batch = micro_batch(self._windows, self._micro, self.micro_batch_size)
         self._micro += 1
-        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+        return batch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
