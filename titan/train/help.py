@@ -7,6 +7,8 @@ below, which asks the running Hydra for its groups, so the list cannot drift fro
 
 from __future__ import annotations
 
+import sys
+
 from omegaconf import OmegaConf
 
 # One line per config group. tests/test_cli_help.py checks every group has one.
@@ -45,6 +47,10 @@ def app_groups() -> dict[str, list[str]]:
 
 
 def groups_text() -> str:
+    # Hydra resolves the help template while composing every run, and listing the groups
+    # composes each of them (seconds): do it only when the help is what was asked for.
+    if not {"--help", "-h"} & set(sys.argv[1:]):
+        return "(listed by --help)"
     lines = []
     for group, presets in app_groups().items():
         lines.append(f"{group:<22} {GROUP_HELP.get(group, '')}".rstrip())
