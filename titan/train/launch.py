@@ -6,6 +6,7 @@ the typed (picklable) config, never a DictConfig, and never run Hydra themselves
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import socket
 import uuid
@@ -53,7 +54,10 @@ def spawn_workers(cfg: TrainConfig, max_restarts: int = 0) -> Optional[float]:
         rdzv_backend="c10d",
         rdzv_endpoint=f"127.0.0.1:{free_port()}",
         max_restarts=max_restarts,  # > 0 for fault-tolerant replica groups
-        start_method="spawn",
+        # Workers fork from a server that imported torch and titan once, instead of each
+        # importing them again (seconds of CPU per worker); the server itself never
+        # touches a device, so this is as safe as spawn for CUDA.
+        start_method="forkserver",
         monitor_interval=0.1,
         log_line_prefix_template="[rank${rank}]",
         # SIGINT stays ours (titan.train.interrupt): Ctrl-C reaches the workers, which stop cleanly.
@@ -61,6 +65,7 @@ def spawn_workers(cfg: TrainConfig, max_restarts: int = 0) -> Optional[float]:
         # Every rank's stdout/stderr goes to logs/; rank 0 is also shown on the console.
         logs_specs=DefaultLogsSpecs(log_dir=str(log_dir), redirects=Std.ALL, tee={0: Std.ALL}),
     )
+    multiprocessing.set_forkserver_preload(["titan.train.worker"])
     try:
         with interrupt.launcher_handling():
             results = elastic_launch(launch_cfg, run_worker)(cfg)
