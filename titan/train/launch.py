@@ -37,6 +37,11 @@ def _first_failure(err) -> str:
     return f"rank {rank} failed (exit code {failure.exitcode}); its log: {failure.error_file or 'see logs/'}\n{detail}"
 
 
+# What every worker imports (DCP and DTensor, the trainer; dynamo, which building a model on
+# the meta device pulls in): imported once by the fork server, not once per worker.
+WORKER_IMPORTS = ["titan.train.worker", "titan.train.trainer", "titan.checkpoint", "titan.metrics", "torch._dynamo"]
+
+
 def spawn_workers(cfg: TrainConfig, max_restarts: int = 0) -> Optional[float]:
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -65,7 +70,7 @@ def spawn_workers(cfg: TrainConfig, max_restarts: int = 0) -> Optional[float]:
         # Every rank's stdout/stderr goes to logs/; rank 0 is also shown on the console.
         logs_specs=DefaultLogsSpecs(log_dir=str(log_dir), redirects=Std.ALL, tee={0: Std.ALL}),
     )
-    multiprocessing.set_forkserver_preload(["titan.train.worker"])
+    multiprocessing.set_forkserver_preload(WORKER_IMPORTS)
     try:
         with interrupt.launcher_handling():
             results = elastic_launch(launch_cfg, run_worker)(cfg)
