@@ -168,16 +168,8 @@ def hf_config(args: LlamaArgs, torch_dtype: torch.dtype | str = "float32", bos_t
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "hidden_size": args.dim,
-        "intermediate_size": args.ffn_hidden,
-        "num_attention_heads": args.n_heads,
-        "num_key_value_heads": args.kv_heads,
-        "num_hidden_layers": args.n_layers,
-        "head_dim": args.head_dim,
-        "hidden_act": "silu",
-        "attention_bias": False,
+        **decoder_fields(args),
         "mlp_bias": False,
-        "rms_norm_eps": args.norm_eps,
         "rope_parameters": rope,
         "rope_theta": float(args.rope_theta),
         "rope_scaling": legacy_scaling,
@@ -189,12 +181,28 @@ def hf_config(args: LlamaArgs, torch_dtype: torch.dtype | str = "float32", bos_t
         "dtype": torch_dtype,
         "torch_dtype": torch_dtype,  # the key's name before transformers 5
         "use_cache": True,
+        **special_token_ids(bos_token_id, eos_token_id),
     }
-    if bos_token_id is not None:
-        config["bos_token_id"] = bos_token_id
-    if eos_token_id is not None:
-        config["eos_token_id"] = eos_token_id
     return config
+
+
+def decoder_fields(args: LlamaArgs) -> dict[str, Any]:
+    """The config.json sizes and block settings every Llama-like decoder in transformers reads."""
+    return {
+        "hidden_size": args.dim,
+        "intermediate_size": args.ffn_hidden,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.kv_heads,
+        "num_hidden_layers": args.n_layers,
+        "head_dim": args.head_dim,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "rms_norm_eps": args.norm_eps,
+    }
+
+
+def special_token_ids(bos_token_id: Optional[int], eos_token_id: Optional[int]) -> dict[str, int]:
+    return {k: v for k, v in (("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id)) if v is not None}
 
 
 def _ffn_sizing(dim: int, intermediate: int) -> tuple[int, Optional[float]]:

@@ -14,7 +14,14 @@ from typing import Any, Optional
 import torch
 
 from titan.interop.errors import ConversionError
-from titan.interop.hf import _GLOBAL_NAMES, _LAYER_NAMES, rename_from_hf, rename_to_hf
+from titan.interop.hf import (
+    _GLOBAL_NAMES,
+    _LAYER_NAMES,
+    decoder_fields,
+    rename_from_hf,
+    rename_to_hf,
+    special_token_ids,
+)
 from titan.models.moe import MoEArgs
 from titan.models.qwen3.model import Qwen3Args
 
@@ -109,15 +116,7 @@ def hf_config(args: Qwen3Args, torch_dtype: torch.dtype | str = "float32", bos_t
     config: dict[str, Any] = {
         "architectures": ["Qwen3MoeForCausalLM" if moe else "Qwen3ForCausalLM"],
         "model_type": "qwen3_moe" if moe else "qwen3",
-        "hidden_size": args.dim,
-        "intermediate_size": args.ffn_hidden,
-        "num_attention_heads": args.n_heads,
-        "num_key_value_heads": args.kv_heads,
-        "num_hidden_layers": args.n_layers,
-        "head_dim": args.head_dim,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "rms_norm_eps": args.norm_eps,
+        **decoder_fields(args),
         "rope_theta": float(args.rope_theta),
         "rope_parameters": {"rope_type": "default", "rope_theta": float(args.rope_theta)},
         "tie_word_embeddings": bool(args.tie_embeddings),
@@ -140,10 +139,7 @@ def hf_config(args: Qwen3Args, torch_dtype: torch.dtype | str = "float32", bos_t
             router_aux_loss_coef=m.aux_loss_coef,
             output_router_logits=False,
         )
-    if bos_token_id is not None:
-        config["bos_token_id"] = bos_token_id
-    if eos_token_id is not None:
-        config["eos_token_id"] = eos_token_id
+    config.update(special_token_ids(bos_token_id, eos_token_id))
     return config
 
 
