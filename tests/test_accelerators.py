@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from titan.metrics import gpu_peak_flops, peak_flops
+from titan.metrics import Throughput, gpu_peak_flops, measure_cpu_peak_flops, peak_flops
 from titan.train.env import accelerator_runtime
 
 
@@ -32,3 +32,26 @@ def test_accelerator_runtime_names_this_build():
         assert runtime.startswith("CUDA")
     else:
         assert runtime == "CPU"
+
+
+def test_cpu_mfu_never_exceeds_100_percent_when_the_first_peak_was_measured_under_load():
+    """A peak measured while the machine was busy (here: 1 GFLOP/s, far below any real fp32
+    matmul) is measured again when a step beats it, and MFU is then a true fraction."""
+    remeasured = []
+
+    def remeasure() -> float:
+        remeasured.append(measure_cpu_peak_flops())
+        return remeasured[-1]
+
+    meter = Throughput(flops_per_token=1e6, world_size=1, peak_flops_per_device=1e3, remeasure_peak=remeasure)
+    meter.add(tokens=10_000, data_time=0.0, step_time=0.01)  # 1e12 FLOP/s achieved: beats both peaks
+    first = meter.measure()
+    assert len(remeasured) == 1 and first["mfu"] <= 1.0 and first["peak_tflops"] >= 1.0
+    meter.add(tokens=10, data_time=0.0, step_time=1.0)  # 1e7 FLOP/s: below the raised peak, no re-measure
+    second = meter.measure()
+    assert len(remeasured) == 1 and 0 < second["mfu"] < 1e-4
+    fixed = Throughput(1e6, 1, 1e3)  # a configured or table peak is the vendor's: never replaced
+    fixed.add(10, 0.0, 1.0)
+    assert fixed.measure()["mfu"] == 1e7 / 1e3
+    assert Throughput.for_device(1.0, 1, torch.device("cpu")).remeasure_peak is measure_cpu_peak_flops
+    assert Throughput.for_device(1.0, 1, torch.device("cpu"), 2.5).remeasure_peak is None

@@ -5,7 +5,9 @@ path: launcher, data sharding, metrics from rank 0, sharded checkpoints.)"""
 
 from __future__ import annotations
 
+import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -56,4 +58,10 @@ def test_failing_rank_ends_the_job_with_its_error(tmp_path):
     shard.write_bytes(shard.read_bytes()[:64])
     failed = run_titan(run.run_dir, *common, timeout=300)
     assert failed.returncode == 1
-    assert "cannot read checkpoint" in failed.stderr and "rank" in failed.stderr
+    # One line (no agent log, no traceback) naming the problem and the rank's error file, which
+    # keeps the whole traceback ("titan: ..." lines: the tokenizer trained on first use).
+    lines = [line for line in failed.stderr.strip().splitlines() if not line.startswith("titan: ")]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "cannot read checkpoint" in lines[0], failed.stderr
+    error_file = Path(lines[0].rsplit("traceback in ", 1)[1].rstrip(")"))
+    assert error_file.is_relative_to(run.run_dir / "logs")
+    assert "titan.checkpoint.CheckpointError: cannot read" in json.loads(error_file.read_text())["message"]["extraInfo"]["py_callstack"]

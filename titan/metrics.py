@@ -9,7 +9,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -99,12 +99,18 @@ class Throughput:
 
     Only the time of training steps (data + `train_step` + schedule) counts: validation and
     checkpoint saves in between would otherwise show up as a slower training. Validation
-    time is reported on its own as `val_s` (checkpoint saves as `checkpoint_block_s`)."""
+    time is reported on its own as `val_s` (checkpoint saves as `checkpoint_block_s`).
 
-    def __init__(self, flops_per_token: float, world_size: int, peak_flops_per_device: float):
+    On CPU the peak is a measurement (`remeasure_peak`), and one taken while the machine was
+    busy understates it: when a window's achieved rate beats it, the peak is measured again
+    and becomes the largest rate seen (that window's included), so MFU never exceeds 100%."""
+
+    def __init__(self, flops_per_token: float, world_size: int, peak_flops_per_device: float,
+                 remeasure_peak: Optional[Callable[[], float]] = None):
         self.flops_per_token = flops_per_token
         self.world_size = world_size
         self.peak = peak_flops_per_device
+        self.remeasure_peak = remeasure_peak
         self.tokens = 0
         self.data_time = 0.0
         self.step_time = 0.0
@@ -124,16 +130,35 @@ class Throughput:
         tps = self.tokens / elapsed
         per_device = tps / self.world_size
         flops = self.flops_per_token * per_device
+        peak = self._peak_for(flops)
         out = {
             "tokens_per_sec": tps,
             "tokens_per_sec_per_device": per_device,
             "tflops": flops / 1e12,
-            "mfu": flops / self.peak,
+            "mfu": flops / peak,
+            "peak_tflops": peak / 1e12,  # what MFU divides by (on CPU: the best matmul rate measured)
             "data_time_frac": self.data_time / elapsed,
             "val_s": self.val_time,
         }
         self.tokens, self.data_time, self.step_time, self.val_time = 0, 0.0, 0.0, 0.0
         return out
+
+    def _peak_for(self, achieved: float) -> float:
+        if achieved > self.peak and self.remeasure_peak is not None:
+            before = self.peak
+            self.peak = max(before, self.remeasure_peak(), achieved)
+            log.info("measured CPU peak raised from %.3f to %.3f TFLOP/s (the first measurement ran under "
+                     "load); MFU is relative to the best fp32 matmul rate seen in this run",
+                     before / 1e12, self.peak / 1e12)
+        return self.peak
+
+    @classmethod
+    def for_device(cls, flops_per_token: float, world_size: int, device: torch.device,
+                   configured_tflops: Optional[float] = None) -> "Throughput":
+        """With the device's peak (`peak_flops`); a measured CPU peak is re-measured when beaten."""
+        measured = device.type != "cuda" and not configured_tflops
+        return cls(flops_per_token, world_size, peak_flops(device, configured_tflops),
+                   remeasure_peak=measure_cpu_peak_flops if measured else None)
 
 
 def _console_line(record: dict[str, Any]) -> str:

@@ -208,6 +208,10 @@ def validate_checkpoint(cfg: TrainConfig) -> None:
         from titan.interop.compat import check_hf_initial_load
 
         check_hf_initial_load(c.initial_load, cfg.model, cfg.training.seq_len)
+    elif c.initial_load:  # the config it was trained with vs model.*
+        from titan.interop.compat import check_dcp_initial_load
+
+        check_dcp_initial_load(c.initial_load, cfg.model, cfg.training.seq_len)
     if c.resume not in ("auto", "none"):
         _require(Path(c.resume).is_dir(), "checkpoint.resume", f"no checkpoint directory at {c.resume}; use auto, none or a path")
 

@@ -34,6 +34,12 @@ NUMERIC_FIELDS = {
 }
 # The low/high/original fields mean nothing without scaling: compare them only when it is on.
 _SCALING_DETAILS = ("rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_seq_len")
+# Fields of other families (Qwen3, DeepSeek-V3), compared when either side has them.
+FAMILY_FIELDS = {"head_dim": "head_dim", "qk_norm": "qk_norm"}
+# Routing of a mixture-of-experts FFN (aux_loss_coef, bias_update_rate and grouped_mm change
+# training or speed, not what given weights compute: a run may set them freely).
+MOE_FIELDS = ("num_experts", "top_k", "expert_hidden", "n_shared_experts", "score", "norm_topk",
+              "route_scale", "n_dense_layers")
 
 
 def _differs(a: Any, b: Any) -> bool:
@@ -44,9 +50,27 @@ def _differs(a: Any, b: Any) -> bool:
     return a != b
 
 
+def _moe(args: LlamaArgs, field: str) -> Any:
+    moe = getattr(args, "moe", None)
+    if moe is None or moe.num_experts <= 0:
+        return 0 if field == "num_experts" else None
+    return getattr(moe, field)
+
+
 def mismatches(weights: LlamaArgs, run: LlamaArgs, check_vocab: bool = True) -> list[tuple[str, Any, Any]]:
     """(model key, weights' value, run's value) for each numerics-relevant field that differs."""
+    from titan.models.registry import family_of
+
+    if type(weights) is not type(run):  # another architecture: its other fields mean other things
+        return [("family", family_of(weights).name, family_of(run).name)]
     out = []
+    for attr, key in FAMILY_FIELDS.items():
+        if hasattr(weights, attr) and _differs(getattr(weights, attr), getattr(run, attr)):
+            out.append((key, getattr(weights, attr), getattr(run, attr)))
+    for field in MOE_FIELDS:
+        if field == "num_experts" or _moe(weights, "num_experts") and _moe(run, "num_experts"):
+            if _differs(_moe(weights, field), _moe(run, field)):
+                out.append((f"moe.{field}", _moe(weights, field), _moe(run, field)))
     for attr, key in NUMERIC_FIELDS.items():
         if attr == "vocab_size" and not check_vocab:
             continue
@@ -103,3 +127,25 @@ def check_hf_initial_load(spec: str, model_cfg, seq_len: int, vocab_size: Option
     run = model_args(model_cfg, vocab, seq_len)
     require_same_model(weights, run, f"checkpoint.initial_load={spec}",
                        check_vocab=model_cfg.vocab_size > 0 or vocab_size is not None)
+
+
+def check_dcp_initial_load(spec: str, model_cfg, seq_len: int) -> None:
+    """Before launch: `checkpoint.initial_load=` a titan checkpoint or run dir against the run's
+    `model:` config, when the architecture it was saved with is known (`titan_model.json`
+    beside it, or its run's `.hydra/config.yaml`). The vocabulary is left to the shape check
+    unless `model.vocab_size` is set (the tokenizer decides it otherwise, after launch)."""
+    from titan.interop.dcp_io import read_dcp_metadata
+    from titan.interop.sources import initial_load_checkpoint, saved_args
+    from titan.models import model_args
+
+    try:
+        ckpt = initial_load_checkpoint(spec)
+        embedding = read_dcp_metadata(ckpt).state_dict_metadata.get("model.tok_embeddings.weight")
+        vocab = embedding.size[0] if embedding is not None else max(model_cfg.vocab_size, 1)
+        weights = saved_args(ckpt, vocab)
+    except ConversionError as e:
+        raise ConfigError("checkpoint.initial_load", str(e)) from e
+    if weights is None:
+        return
+    run = model_args(model_cfg, model_cfg.vocab_size if model_cfg.vocab_size > 0 else vocab, seq_len)
+    require_same_model(weights, run, f"checkpoint.initial_load={spec}", check_vocab=model_cfg.vocab_size > 0)

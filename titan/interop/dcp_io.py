@@ -149,20 +149,40 @@ def save_dcp_model(out_dir: str | os.PathLike, state_dict: dict[str, torch.Tenso
         warnings.simplefilter("ignore")
         dcp.save({"model": dict(state_dict)}, checkpoint_id=str(out_dir), no_dist=True)
     if args is not None:
-        (out_dir / ARGS_FILE).write_text(json.dumps(dataclasses.asdict(args), indent=2) + "\n")
+        from titan.models.registry import family_of
+
+        saved = {"family": family_of(args).name, **dataclasses.asdict(args)}
+        (out_dir / ARGS_FILE).write_text(json.dumps(saved, indent=2) + "\n")
     (out_dir / COMPLETE).write_text("converted\n")  # last: the checkpoint is whole
     return out_dir
 
 
 def read_saved_args(ckpt_dir: Path) -> Optional[LlamaArgs]:
-    """The LlamaArgs written by `save_dcp_model`, if any."""
+    """The model args written by `save_dcp_model`, if any (files without a family: Llama 3)."""
+    from titan.config.errors import ConfigError
+    from titan.models.registry import get_family
+
     path = ckpt_dir / ARGS_FILE
     if not path.is_file():
         return None
     try:
-        return LlamaArgs(**json.loads(path.read_text()))
-    except (ValueError, TypeError) as e:
+        values = json.loads(path.read_text())
+        return _dataclass_from(get_family(values.pop("family", "llama3")).args_class, values)
+    except (ValueError, TypeError, AttributeError, ConfigError) as e:
         raise CheckpointReadError(path, f"bad model args ({e})") from e
+
+
+def _dataclass_from(cls: type, values: dict[str, Any]) -> Any:
+    """`cls(**values)` with nested dataclass fields (e.g. Qwen3Args.moe) rebuilt from their dicts."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():
+        kinds = typing.get_args(hints.get(name)) or (hints.get(name),)
+        nested = next((k for k in kinds if dataclasses.is_dataclass(k)), None)
+        if nested is not None and isinstance(value, dict):
+            values[name] = _dataclass_from(nested, value)
+    return cls(**values)
 
 
 def save_torch(path: str | os.PathLike, state_dict: dict[str, torch.Tensor]) -> Path:

@@ -83,45 +83,59 @@ def _check_tied(embedding: torch.Tensor, output: Optional[torch.Tensor], where: 
         raise ConversionError(f"{where}: the model ties embeddings, but the output weight differs from the embedding")
 
 
-def to_hf(state_dict: dict[str, torch.Tensor], args: LlamaArgs) -> dict[str, torch.Tensor]:
-    """titan state dict -> Hugging Face LlamaForCausalLM state dict (`lm_head` left out when tied)."""
-    names = name_map(args)
-    expected = set(names)
-    given = set(state_dict)
-    if args.tie_embeddings:
+def _reorder(tensor: torch.Tensor, heads: Optional[int], fn) -> torch.Tensor:
+    """`fn` (one of the two reorderings) over `heads` heads; a 1-D tensor (a per-head norm
+    weight) as one column. heads=None: not rotary, unchanged."""
+    if heads is None:
+        return tensor
+    if tensor.dim() == 1:
+        return fn(tensor.unsqueeze(-1), heads).squeeze(-1)
+    return fn(tensor, heads)
+
+
+def rename_to_hf(state_dict: dict[str, torch.Tensor], names: dict[str, str], heads_of, tied: bool,
+                 converted_elsewhere: frozenset = frozenset()) -> dict[str, torch.Tensor]:
+    """titan -> HF for the one-to-one `names` (titan -> HF), rotary rows reordered over
+    `heads_of(titan name)` heads; `lm_head` left out when tied. `converted_elsewhere`: titan
+    names the caller converts itself, expected in the state dict all the same."""
+    expected, given = set(names) | set(converted_elsewhere), set(state_dict)
+    if tied:
         expected.discard("output.weight")
         given.discard("output.weight")  # a tied state dict may or may not list it
     _check_keys(given, expected, "titan state dict")
-    if args.tie_embeddings:
+    if tied:
         _check_tied(state_dict["tok_embeddings.weight"], state_dict.get("output.weight"), "titan state dict")
-    out = {}
-    for ours in sorted(expected):
-        tensor = state_dict[ours]
-        heads = _rotary_heads(args, ours)
-        out[names[ours]] = interleaved_to_half_split(tensor, heads) if heads else tensor
+    return {names[ours]: _reorder(state_dict[ours], heads_of(ours), interleaved_to_half_split)
+            for ours in sorted(expected & set(names))}
+
+
+def rename_from_hf(hf_state_dict: dict[str, torch.Tensor], names: dict[str, str], heads_of, tied: bool,
+                   converted_elsewhere: frozenset = frozenset()) -> dict[str, torch.Tensor]:
+    """The inverse of `rename_to_hf` (`converted_elsewhere`: HF names the caller converts);
+    `output.weight` is the embedding when tied, as the titan model's state_dict lists it."""
+    # Buffers some exporters keep (rotary inv_freq) are recomputed by titan: drop them.
+    given = {k for k in hf_state_dict if not k.endswith("rotary_emb.inv_freq")}
+    expected = set(names.values()) | set(converted_elsewhere)
+    if tied:
+        expected.discard("lm_head.weight")
+        given.discard("lm_head.weight")  # transformers ignores it when tied; so do we
+    _check_keys(given, expected, "Hugging Face state dict")
+    out = {ours: _reorder(hf_state_dict[theirs], heads_of(ours), half_split_to_interleaved)
+           for ours, theirs in names.items() if theirs in expected}
+    if tied:
+        out["output.weight"] = out["tok_embeddings.weight"]
     return out
+
+
+def to_hf(state_dict: dict[str, torch.Tensor], args: LlamaArgs) -> dict[str, torch.Tensor]:
+    """titan state dict -> Hugging Face LlamaForCausalLM state dict (`lm_head` left out when tied)."""
+    return rename_to_hf(state_dict, name_map(args), lambda name: _rotary_heads(args, name), args.tie_embeddings)
 
 
 def from_hf(hf_state_dict: dict[str, torch.Tensor], args: LlamaArgs) -> dict[str, torch.Tensor]:
     """Hugging Face Llama state dict -> titan state dict (with `output.weight` = embedding when tied,
     as `Llama3.state_dict()` lists it)."""
-    theirs_to_ours = {theirs: ours for ours, theirs in name_map(args).items()}
-    # Buffers some exporters keep (rotary inv_freq) are recomputed by titan: drop them.
-    given = {k for k in hf_state_dict if not k.endswith("rotary_emb.inv_freq")}
-    expected = set(theirs_to_ours)
-    if args.tie_embeddings:
-        expected.discard("lm_head.weight")
-        given.discard("lm_head.weight")  # transformers ignores it when tied; so do we
-    _check_keys(given, expected, "Hugging Face state dict")
-    out = {}
-    for theirs in sorted(expected):
-        ours = theirs_to_ours[theirs]
-        tensor = hf_state_dict[theirs]
-        heads = _rotary_heads(args, ours)
-        out[ours] = half_split_to_interleaved(tensor, heads) if heads else tensor
-    if args.tie_embeddings:
-        out["output.weight"] = out["tok_embeddings.weight"]
-    return out
+    return rename_from_hf(hf_state_dict, name_map(args), lambda name: _rotary_heads(args, name), args.tie_embeddings)
 
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -154,16 +168,8 @@ def hf_config(args: LlamaArgs, torch_dtype: torch.dtype | str = "float32", bos_t
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "hidden_size": args.dim,
-        "intermediate_size": args.ffn_hidden,
-        "num_attention_heads": args.n_heads,
-        "num_key_value_heads": args.kv_heads,
-        "num_hidden_layers": args.n_layers,
-        "head_dim": args.head_dim,
-        "hidden_act": "silu",
-        "attention_bias": False,
+        **decoder_fields(args),
         "mlp_bias": False,
-        "rms_norm_eps": args.norm_eps,
         "rope_parameters": rope,
         "rope_theta": float(args.rope_theta),
         "rope_scaling": legacy_scaling,
@@ -175,12 +181,28 @@ def hf_config(args: LlamaArgs, torch_dtype: torch.dtype | str = "float32", bos_t
         "dtype": torch_dtype,
         "torch_dtype": torch_dtype,  # the key's name before transformers 5
         "use_cache": True,
+        **special_token_ids(bos_token_id, eos_token_id),
     }
-    if bos_token_id is not None:
-        config["bos_token_id"] = bos_token_id
-    if eos_token_id is not None:
-        config["eos_token_id"] = eos_token_id
     return config
+
+
+def decoder_fields(args: LlamaArgs) -> dict[str, Any]:
+    """The config.json sizes and block settings every Llama-like decoder in transformers reads."""
+    return {
+        "hidden_size": args.dim,
+        "intermediate_size": args.ffn_hidden,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.kv_heads,
+        "num_hidden_layers": args.n_layers,
+        "head_dim": args.head_dim,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "rms_norm_eps": args.norm_eps,
+    }
+
+
+def special_token_ids(bos_token_id: Optional[int], eos_token_id: Optional[int]) -> dict[str, int]:
+    return {k: v for k, v in (("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id)) if v is not None}
 
 
 def _ffn_sizing(dim: int, intermediate: int) -> tuple[int, Optional[float]]:

@@ -107,18 +107,27 @@ def _find_run_dir(path: Path) -> Optional[Path]:
     return None
 
 
+def saved_args(ckpt: Path, vocab: int, run_dir: Optional[Path] = None):
+    """The architecture a titan checkpoint was saved with: `titan_model.json` beside it, else
+    its run's `.hydra/config.yaml` (`vocab` fills a `vocab_size: -1`); None when neither exists."""
+    saved = read_saved_args(ckpt) if ckpt.is_dir() else None
+    if saved is not None:
+        return saved
+    run_dir = run_dir or _find_run_dir(ckpt)
+    if run_dir is None:
+        return None
+    config = read_run_config(run_dir)
+    seq_len = (config.get("training") or {}).get("seq_len", LlamaArgs.max_seq_len)
+    return model_args(_model_config(config.get("model") or {}, str(run_dir / HYDRA_CONFIG)), vocab, seq_len)
+
+
 def _args_for_titan_weights(state_dict, ckpt: Path, run_dir: Optional[Path], preset: Optional[str]) -> LlamaArgs:
     vocab = _vocab_from(state_dict)
-    saved = read_saved_args(ckpt) if ckpt.is_dir() else None
     if preset:
         args = model_args(preset_config(preset), vocab, LlamaArgs.max_seq_len)
-    elif saved is not None:
-        args = saved
-    elif run_dir is not None:
-        config = read_run_config(run_dir)
-        seq_len = (config.get("training") or {}).get("seq_len", LlamaArgs.max_seq_len)
-        args = model_args(_model_config(config.get("model") or {}, str(run_dir / HYDRA_CONFIG)), vocab, seq_len)
     else:
+        args = saved_args(ckpt, vocab, run_dir) if ckpt.is_dir() or run_dir is not None else None
+    if args is None:
         raise ConversionError(f"{ckpt}: cannot tell the model architecture (no run config or "
                               f"titan_model.json beside it); name a preset, e.g. --model llama3_debug")
     if args.tie_embeddings and "output.weight" not in state_dict:
@@ -165,15 +174,25 @@ def initial_weights(spec: str, args: LlamaArgs) -> dict[str, torch.Tensor]:
         # Shapes cannot see RoPE, norm eps or tying: compare the configs themselves first.
         require_same_model(hf_args, args, f"checkpoint.initial_load={spec}")
     else:
-        path = Path(spec)
-        ckpt = path if (path / METADATA_FILE).is_file() else None
-        if ckpt is None:
-            try:
-                ckpt = resolve_checkpoint(path)
-            except CheckpointError as e:
-                raise ConversionError(f"checkpoint.initial_load={spec}: {e}") from e
+        from titan.interop.compat import require_same_model
+
+        ckpt = initial_load_checkpoint(spec)
         state_dict = load_dcp_model_state(ckpt)
+        saved = saved_args(ckpt, _vocab_from(state_dict))
+        if saved is not None:  # as for hf: what the weights were trained as vs this run's model
+            require_same_model(saved, args, f"checkpoint.initial_load={spec}")
     if args.tie_embeddings and "output.weight" not in state_dict and "tok_embeddings.weight" in state_dict:
         state_dict["output.weight"] = state_dict["tok_embeddings.weight"]
     check_shapes(state_dict, args, f"checkpoint.initial_load={spec}")
     return state_dict
+
+
+def initial_load_checkpoint(spec: str) -> Path:
+    """The DCP checkpoint dir `checkpoint.initial_load=spec` names: itself, or a run's latest."""
+    path = Path(spec)
+    if (path / METADATA_FILE).is_file():
+        return path
+    try:
+        return resolve_checkpoint(path)
+    except CheckpointError as e:
+        raise ConversionError(f"checkpoint.initial_load={spec}: {e}") from e

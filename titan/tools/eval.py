@@ -27,13 +27,12 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
-from titan.config.errors import ConfigError
-from titan.interop.errors import ConversionError
-from titan.tools.generate import DTYPES, UsageError, _convert
+from titan.tools.args import UsageError, parse_key_values, tool_main
+from titan.tools.generate import DTYPES
 
 
 @dataclass
@@ -59,17 +58,7 @@ class EvalArgs:
 
 
 def parse_args(argv: Sequence[str]) -> EvalArgs:
-    import dataclasses
-
-    fields = {f.name: f for f in dataclasses.fields(EvalArgs) if f.name != "task_list"}
-    values: dict[str, Any] = {}
-    for item in argv:
-        key, sep, raw = item.partition("=")
-        key = key.lstrip("-").replace("-", "_")
-        if not sep or key not in fields:
-            raise UsageError(f"bad argument {item!r}: expected key=value with key in {', '.join(fields)}")
-        values[key] = _convert(fields[key], raw)
-    args = EvalArgs(**values)
+    args = parse_key_values(argv, EvalArgs, internal=("task_list",))
     args.task_list = [t.strip() for t in args.tasks.strip("[]").split(",") if t.strip()]
     if not args.checkpoint:
         raise UsageError("checkpoint=PATH is required")
@@ -210,17 +199,9 @@ def run(args: EvalArgs) -> Optional[dict[str, dict[str, float]]]:
     return scores
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help", "help") for a in argv):
-        print(__doc__)
-        return 0
+def _print_scores(argv: list[str]) -> int:
     try:
-        args = parse_args(argv)
-        scores = run(args)
-    except (UsageError, ConversionError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        scores = run(parse_args(argv))
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -230,6 +211,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print("no task could be evaluated (see the lines above)", file=sys.stderr)
             return 1
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return tool_main(argv, __doc__, _print_scores)
 
 
 if __name__ == "__main__":

@@ -24,15 +24,13 @@ Exit status: 0 done, 2 bad arguments or unreadable checkpoint.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
-from titan.config.errors import ConfigError
-from titan.interop.errors import ConversionError
+from titan.tools.args import UsageError, parse_key_values, tool_main
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -59,38 +57,8 @@ class GenerateArgs:
     chat_template: Optional[str] = None
 
 
-class UsageError(ValueError):
-    pass
-
-
-def _convert(field: dataclasses.Field, raw: str):
-    kind = field.type.replace("Optional[", "").rstrip("]")
-    if raw.lower() in ("null", "none") and field.type.startswith("Optional"):
-        return None
-    try:
-        if kind == "int":
-            return int(raw)
-        if kind == "float":
-            return float(raw)
-    except ValueError:
-        raise UsageError(f"{field.name}={raw!r}: expected {kind}") from None
-    if kind == "bool":
-        if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise UsageError(f"{field.name}={raw!r}: expected true or false")
-        return raw.lower() in ("true", "1", "yes")
-    return raw
-
-
 def parse_args(argv: Sequence[str]) -> GenerateArgs:
-    fields = {f.name: f for f in dataclasses.fields(GenerateArgs)}
-    values = {}
-    for item in argv:
-        key, sep, raw = item.partition("=")
-        key = key.lstrip("-").replace("-", "_")
-        if not sep or key not in fields:
-            raise UsageError(f"bad argument {item!r}: expected key=value with key in {', '.join(fields)}")
-        values[key] = _convert(fields[key], raw)
-    args = GenerateArgs(**values)
+    args = parse_key_values(argv, GenerateArgs)
     if not args.checkpoint:
         raise UsageError("checkpoint=PATH is required")
     if args.dtype not in DTYPES:
@@ -175,21 +143,17 @@ def run(args: GenerateArgs) -> list[str]:
     return results
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help", "help") for a in argv):
-        print(__doc__)
-        return 0
-    try:
-        results = run(parse_args(argv))
-    except (UsageError, ConversionError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def _print_samples(argv: list[str]) -> int:
+    results = run(parse_args(argv))
     for i, text in enumerate(results):
         if len(results) > 1:
             print(f"--- sample {i}")
         print(text)
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return tool_main(argv, __doc__, _print_samples)
 
 
 if __name__ == "__main__":

@@ -73,7 +73,9 @@ def _hydra_main(cfg: DictConfig) -> Optional[float]:
         return launch(typed)
     except ConfigError as e:
         _fail(f"config error: {e}", 2)
-    except (CheckpointError, ConversionError, WorkerFailed, NonFiniteLoss) as e:
+    except WorkerFailed as e:  # a spawned rank's error: its own line and status
+        _fail(e.line, e.exit_code)
+    except (CheckpointError, ConversionError, NonFiniteLoss) as e:
         _fail(f"error: {e}", 1)
     except Interrupted as e:
         _fail(f"interrupted: {e}", EXIT_INTERRUPTED)

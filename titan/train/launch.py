@@ -6,6 +6,8 @@ the typed (picklable) config, never a DictConfig, and never run Hydra themselves
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import multiprocessing
 import os
 import socket
@@ -26,15 +28,56 @@ def free_port() -> int:
 
 
 class WorkerFailed(RuntimeError):
-    """A plain error (torch's ChildFailedError does not survive pickling across joblib)."""
+    """A plain error (torch's ChildFailedError does not survive pickling across joblib).
+    `line` is what the CLI prints and `exit_code` its status: a rank's user error keeps its own
+    line ('config error: ...', exit 2), a crash says 'error: ...' (exit 1)."""
+
+    def __init__(self, message: str, exit_code: int = 1, line: Optional[str] = None):
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.line = line or f"error: {message}"
 
 
-def _first_failure(err) -> str:
-    rank, failure = err.get_first_failure()
+def _failure_text(failure) -> tuple[str, str]:
+    """(message, traceback) of a failed rank, from its elastic error file (its per-rank log)."""
     detail = failure.message
-    if isinstance(detail, dict):  # the elastic error file: {"message": ..., "extraInfo": {...}}
-        detail = detail.get("message", detail)
-    return f"rank {rank} failed (exit code {failure.exitcode}); its log: {failure.error_file or 'see logs/'}\n{detail}"
+    if isinstance(detail, dict):  # {"message": "ExcType: text", "extraInfo": {"py_callstack": ...}}
+        return str(detail.get("message", detail)), str((detail.get("extraInfo") or {}).get("py_callstack", ""))
+    return str(detail), ""
+
+
+def _worker_failed(err) -> WorkerFailed:
+    """One line for a user error on any rank (the others' failures follow from it); for a crash
+    the first failure with its traceback. Either way the per-rank error file keeps the traceback."""
+    from titan.train.worker import RankUserError
+
+    prefix = f"{RankUserError.__name__}: "
+    for rank, failure in sorted(err.failures.items()):
+        message, _ = _failure_text(failure)
+        if message.startswith(prefix):
+            line, _, code = message[len(prefix):].rpartition(RankUserError.CODE_SEPARATOR)
+            log_hint = f" (rank {rank}; traceback in {failure.error_file})" if failure.error_file else ""
+            return WorkerFailed(line, int(code), line + log_hint)
+    rank, failure = err.get_first_failure()
+    message, traceback = _failure_text(failure)
+    where = f"traceback in {failure.error_file}" if failure.error_file else "see the per-rank logs in logs/"
+    text = f"rank {rank} failed (exit code {failure.exitcode}): {message}; {where}"
+    return WorkerFailed(text + (f"\n{traceback.rstrip()}" if traceback else ""))
+
+
+@contextlib.contextmanager
+def _quiet_agent():
+    """The elastic agent logs each failed worker's traceback, and the spawn module a line per
+    rank it terminates: titan reports the failure itself (`_worker_failed`)."""
+    loggers = [logging.getLogger(n) for n in ("torch.distributed.elastic.multiprocessing.api", "torch.multiprocessing.spawn")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 # What every worker imports (DCP and DTensor, the trainer; dynamo, which building a model on
@@ -72,12 +115,12 @@ def spawn_workers(cfg: TrainConfig, max_restarts: int = 0) -> Optional[float]:
     )
     multiprocessing.set_forkserver_preload(WORKER_IMPORTS)
     try:
-        with interrupt.launcher_handling():
+        with interrupt.launcher_handling(), _quiet_agent():
             results = elastic_launch(launch_cfg, run_worker)(cfg)
     except ChildFailedError as err:
         if interrupt.requested():
             raise interrupt.Interrupted(_interrupted_message(cfg)) from None
-        raise WorkerFailed(_first_failure(err)) from None
+        raise _worker_failed(err) from None
     return results[0]
 
 

@@ -15,7 +15,7 @@ from titan.checkpoint import Checkpointer, restore
 from titan.eval.loop import DownstreamEval
 from titan.config.schema import NanCheck, TrainConfig
 from titan.fault_tolerance import build_fault_tolerance
-from titan.metrics import MetricsLogger, Throughput, peak_flops, peak_memory_gib, reset_peak_memory
+from titan.metrics import MetricsLogger, Throughput, peak_memory_gib, reset_peak_memory
 from titan.profiling import NonFiniteLoss, StepProfiler
 from titan.train.build import Components, build_components
 from titan.train.env import RankEnv
@@ -43,8 +43,7 @@ class Trainer:
         if self.ft is not None and resume is not None:
             self.ft.resumed(self.c.state.step)
         self.metrics = MetricsLogger(cfg, enabled=env.is_main)
-        peak = peak_flops(env.device, cfg.logging.peak_tflops)
-        self.throughput = Throughput(self.c.flops_per_token, env.world_size, peak)
+        self.throughput = Throughput.for_device(self.c.flops_per_token, env.world_size, env.device, cfg.logging.peak_tflops)
         # Tokens per optimizer step across the whole job.
         self.tokens_per_step = cfg.training.global_batch_size * cfg.training.seq_len
         self.accum_steps = self.c.accum_steps

@@ -30,10 +30,39 @@ def _configure_logging(rank: int) -> None:
         logger.propagate = False
 
 
+class RankUserError(Exception):
+    """A spawned rank's user error (bad config, unreadable checkpoint, ...), raised from the
+    original so that the rank's error file keeps the whole traceback; its text is the one line
+    the launching process prints, then the exit status (`titan.train.launch._worker_failed`)."""
+
+    CODE_SEPARATOR = " |exit "
+
+    @classmethod
+    def of(cls, error: Exception) -> "RankUserError":
+        from titan.config.errors import ConfigError
+
+        config = isinstance(error, ConfigError)
+        line = f"{'config error' if config else 'error'}: {error}".replace("\n", " ")
+        return cls(f"{line}{cls.CODE_SEPARATOR}{2 if config else 1}")
+
+
+def _user_errors() -> tuple[type, ...]:
+    from titan.checkpoint import CheckpointError
+    from titan.config.errors import ConfigError
+    from titan.interop.errors import ConversionError
+    from titan.profiling import NonFiniteLoss
+
+    return ConfigError, CheckpointError, ConversionError, NonFiniteLoss
+
+
 def run_worker(cfg: TrainConfig) -> Optional[float]:
     try:
         with interrupt.rank_handling():
             return _run(cfg)
+    except _user_errors() as e:
+        if "TORCHELASTIC_RUN_ID" not in os.environ:
+            raise  # in the CLI's process: it prints the one line itself
+        raise RankUserError.of(e) from e
     except KeyboardInterrupt:
         if "TORCHELASTIC_RUN_ID" not in os.environ:
             raise  # in the CLI's process: it reports the interrupt

@@ -14,7 +14,14 @@ from typing import Any, Optional
 import torch
 
 from titan.interop.errors import ConversionError
-from titan.interop.hf import _GLOBAL_NAMES, _LAYER_NAMES, _check_keys, half_split_to_interleaved, interleaved_to_half_split
+from titan.interop.hf import (
+    _GLOBAL_NAMES,
+    _LAYER_NAMES,
+    decoder_fields,
+    rename_from_hf,
+    rename_to_hf,
+    special_token_ids,
+)
 from titan.models.moe import MoEArgs
 from titan.models.qwen3.model import Qwen3Args
 
@@ -74,25 +81,11 @@ def _rotary(args: Qwen3Args, name: str) -> Optional[int]:
     return None
 
 
-def _reorder(tensor: torch.Tensor, heads: Optional[int], fn) -> torch.Tensor:
-    if heads is None:
-        return tensor
-    if tensor.dim() == 1:  # a norm weight over one head
-        return fn(tensor.unsqueeze(-1), heads).squeeze(-1)
-    return fn(tensor, heads)
-
-
 def to_hf(state_dict: dict[str, torch.Tensor], args: Qwen3Args) -> dict[str, torch.Tensor]:
     _check_supported(args)
-    plain, experts = _plain_names(args), _expert_names(args)
-    expected, given = set(plain) | set(experts), set(state_dict)
-    if args.tie_embeddings:
-        expected.discard("output.weight")
-        given.discard("output.weight")
-    _check_keys(given, expected, "titan state dict")
-    out = {}
-    for ours in sorted(expected & set(plain)):
-        out[plain[ours]] = _reorder(state_dict[ours], _rotary(args, ours), interleaved_to_half_split)
+    experts = _expert_names(args)
+    out = rename_to_hf(state_dict, _plain_names(args), lambda name: _rotary(args, name), args.tie_embeddings,
+                       converted_elsewhere=frozenset(experts))
     for ours, theirs in experts.items():
         for e, name in enumerate(theirs):
             out[name] = state_dict[ours][e]
@@ -101,21 +94,11 @@ def to_hf(state_dict: dict[str, torch.Tensor], args: Qwen3Args) -> dict[str, tor
 
 def from_hf(hf_state_dict: dict[str, torch.Tensor], args: Qwen3Args) -> dict[str, torch.Tensor]:
     _check_supported(args)
-    plain, experts = _plain_names(args), _expert_names(args)
-    expected = set(plain.values()) | {n for names in experts.values() for n in names}
-    given = {k for k in hf_state_dict if not k.endswith("rotary_emb.inv_freq")}
-    if args.tie_embeddings:
-        expected.discard("lm_head.weight")
-        given.discard("lm_head.weight")
-    _check_keys(given, expected, "Hugging Face state dict")
-    out = {}
-    for ours, theirs in plain.items():
-        if theirs in expected:
-            out[ours] = _reorder(hf_state_dict[theirs], _rotary(args, ours), half_split_to_interleaved)
+    experts = _expert_names(args)
+    out = rename_from_hf(hf_state_dict, _plain_names(args), lambda name: _rotary(args, name), args.tie_embeddings,
+                         converted_elsewhere=frozenset(n for names in experts.values() for n in names))
     for ours, theirs in experts.items():
         out[ours] = torch.stack([hf_state_dict[n] for n in theirs])
-    if args.tie_embeddings:
-        out["output.weight"] = out["tok_embeddings.weight"]
     return out
 
 
@@ -133,15 +116,7 @@ def hf_config(args: Qwen3Args, torch_dtype: torch.dtype | str = "float32", bos_t
     config: dict[str, Any] = {
         "architectures": ["Qwen3MoeForCausalLM" if moe else "Qwen3ForCausalLM"],
         "model_type": "qwen3_moe" if moe else "qwen3",
-        "hidden_size": args.dim,
-        "intermediate_size": args.ffn_hidden,
-        "num_attention_heads": args.n_heads,
-        "num_key_value_heads": args.kv_heads,
-        "num_hidden_layers": args.n_layers,
-        "head_dim": args.head_dim,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "rms_norm_eps": args.norm_eps,
+        **decoder_fields(args),
         "rope_theta": float(args.rope_theta),
         "rope_parameters": {"rope_type": "default", "rope_theta": float(args.rope_theta)},
         "tie_word_embeddings": bool(args.tie_embeddings),
@@ -164,10 +139,7 @@ def hf_config(args: Qwen3Args, torch_dtype: torch.dtype | str = "float32", bos_t
             router_aux_loss_coef=m.aux_loss_coef,
             output_router_logits=False,
         )
-    if bos_token_id is not None:
-        config["bos_token_id"] = bos_token_id
-    if eos_token_id is not None:
-        config["eos_token_id"] = eos_token_id
+    config.update(special_token_ids(bos_token_id, eos_token_id))
     return config
 
 
