@@ -1,6 +1,7 @@
 """Data loading: per-rank cost vs world size, prepare_data throughput, data share of step time.
 
-    python benchmarks/data_loading.py [--worlds 1 8 64 1024] [--steps 20] [--rounds 3]
+    python benchmarks/data_loading.py [--worlds 1 8 64 1024] [--steps 20] [--warmup 3]
+    python benchmarks/data_loading.py --only-share [--steps 20] [overrides ...]
 
 1. CPU time (time.process_time, mean per step) one rank spends producing one step's batch (its share: 8
    sequences of 256 tokens) when the job has W data-parallel ranks, on-the-fly (every rank
@@ -9,13 +10,16 @@
 2. prepare_data throughput on the embedded corpus: tokens/s per worker process.
 3. The `data` share of step time on the default CPU run (llama3_debug, 8 x 256, fp32), with
    the batch produced in the step (data.prefetch=0) and ahead of it in the background worker
-   (data.prefetch=2, the default); medians of the per-log-step `data_time_frac`.
+   (data.prefetch=2, the default), side by side: both real Trainers are built in one process and
+   stepped alternately; a step is what `Trainer.fit` does (the `accum_steps` batches, then
+   train_step and the LR schedule), the data time is the wait for those batches. Tokenizing is
+   lumpy (a new document every few steps), so the share is the sum of the waits over the sum of
+   the step times; the medians are given too.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -67,7 +71,7 @@ def prepare_throughput(root: str, workers: int) -> tuple[float, float]:
     return manifest["tokens"] / dt, dt
 
 
-def data_share(prefetch: int, steps: int, run_dir: str, overrides: list[str]) -> float:
+def build_trainer(prefetch: int, steps: int, run_dir: str, overrides: list[str]):
     from titan.config.validate import validate
     from titan.train.env import setup_rank
     from titan.train.trainer import Trainer
@@ -77,16 +81,51 @@ def data_share(prefetch: int, steps: int, run_dir: str, overrides: list[str]) ->
     cfg.lr_schedule.warmup_steps = min(cfg.lr_schedule.warmup_steps, steps - 1)
     cfg.logging.interval, cfg.checkpoint.interval, cfg.run_dir = 1, 0, run_dir
     validate(cfg, world_size=1)
-    Trainer(cfg, setup_rank(cfg)).fit()
-    records = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return statistics.median(r["data_time_frac"] for r in records if "loss" in r and r["step"] > 2)
+    trainer = Trainer(cfg, setup_rank(cfg))
+    trainer.metrics.close()  # nothing to metrics.jsonl
+    trainer.metrics.enabled = False
+    return trainer
+
+
+def timed_step(trainer) -> tuple[float, float]:
+    """One optimizer step as `Trainer.fit` takes it: (seconds waiting for data, seconds in all)."""
+    t0 = time.perf_counter()
+    batches = [trainer.c.loader.next_batch() for _ in range(trainer.accum_steps)]
+    t_data = time.perf_counter() - t0
+    trainer.c.state.step += 1
+    trainer.train_step(batches)
+    trainer.c.scheduler.step()
+    return t_data, time.perf_counter() - t0
+
+
+def data_share(steps: int, warmup: int, overrides: list[str]) -> dict[int, list[tuple[float, float]]]:
+    """Both variants built as real Trainers in this process, stepped alternately (the first
+    variant of each step alternating too); the (data, step) seconds of the timed steps."""
+    variants = (0, 2)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainers = {p: build_trainer(p, warmup + steps, os.path.join(tmp, str(p)), overrides) for p in variants}
+        timings: dict[int, list[tuple[float, float]]] = {p: [] for p in variants}
+        for i in range(warmup + steps):
+            for p in (variants if i % 2 == 0 else variants[::-1]):
+                t = timed_step(trainers[p])
+                if i >= warmup:
+                    timings[p].append(t)
+            if i >= warmup and (i - warmup) % 5 == 4:
+                print(f"step {i + 1}: " + ", ".join(
+                    f"prefetch={p} data {t[0] * 1e3:.2f} ms of {t[1]:.2f} s" for p, t in
+                    ((p, timings[p][-1]) for p in variants)), flush=True)
+        for trainer in trainers.values():
+            close = getattr(trainer.c.loader, "close", None)
+            if close is not None:
+                close()
+    return timings
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worlds", type=int, nargs="*", default=[1, 8, 64, 1024])
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds for the data share")
+    parser.add_argument("--warmup", type=int, default=3, help="steps dropped before timing the data share")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--only-share", action="store_true", help="only the data share of step time")
     parser.add_argument("overrides", nargs="*", default=[], help="for the data-share runs")
@@ -110,16 +149,22 @@ def main() -> None:
 
 
 def share_table(opts) -> None:
-    shares = {0: [], 2: []}
-    for r in range(opts.rounds):
-        for prefetch in shares:
-            with tempfile.TemporaryDirectory() as run_dir:
-                shares[prefetch].append(data_share(prefetch, opts.steps, run_dir, opts.overrides))
-        print(f"round {r + 1}: data share in-step {shares[0][-1]:.2%}, background {shares[2][-1]:.2%}", flush=True)
-    before, after = statistics.median(shares[0]), statistics.median(shares[2])
-    print(f"\ndata share of step time ({' '.join(opts.overrides) or 'llama3_debug, 8 x 256'}, "
-          f"{opts.steps} steps x {opts.rounds} rounds)")
-    print(f"| data.prefetch | data share |\n|---|---|\n| 0 (in the step) | {before:.2%} |\n| 2 (background) | {after:.2%} |")
+    timings = data_share(opts.steps, opts.warmup, opts.overrides)
+    what = " ".join(opts.overrides) or "the default run (llama3_debug, 8 x 256, fp32)"
+    print(f"\ndata share of step time, {what}: {opts.steps} timed steps per variant after "
+          f"{opts.warmup} warm-up, alternating step by step in one process; load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print("| data.prefetch | median step | median data wait | mean data wait | max data wait | data share (sum data / sum step) |")
+    print("|---|---|---|---|---|---|")
+    shares = {}
+    for prefetch, rows in timings.items():
+        data, step = [d for d, _ in rows], [t for _, t in rows]
+        shares[prefetch] = sum(data) / sum(step)
+        label = "0 (in the step)" if prefetch == 0 else f"{prefetch} (background thread)"
+        print(f"| {label} | {statistics.median(step):.3f} s | {statistics.median(data) * 1e3:.2f} ms | "
+              f"{statistics.mean(data) * 1e3:.2f} ms | {max(data) * 1e3:.1f} ms | {shares[prefetch]:.2%} |")
+    steps = {p: statistics.median(t for _, t in rows) for p, rows in timings.items()}
+    print(f"median step time, background / in the step: {steps[2] / steps[0]:.3f}")
 
 
 if __name__ == "__main__":

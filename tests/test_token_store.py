@@ -201,30 +201,42 @@ def test_parallel_workers_write_the_same_store(store, tmp_path):
     _shards_identical(store, out)
 
 
-TRAIN = ["training.steps=4", "data.shuffle=false", "data.val_fraction=0.1", "data.max_documents=40"]
+TRAIN = ["training.steps=4", "data.shuffle=false", "data.val_fraction=0.1", "data.max_documents=40",
+         "checkpoint.save_final=false"]
+STORE_LAYOUTS = ("single", "fsdp_tp", "pp")  # fsdp_tp: dp=2 x tp=2, one launch for both
+
+
+@pytest.fixture(scope="module")
+def cli_runs(store, tmp_path_factory) -> dict:
+    """One CLI launch per layout, shared by the assertions below: the on-the-fly reference and
+    the same run from the store (same documents, tokenizer and packing) on each layout."""
+    root = tmp_path_factory.mktemp("cli")
+    runs = {"fly": run_titan(root / "fly", *TRAIN).check()}
+    for layout in STORE_LAYOUTS:
+        saves = ["checkpoint.interval=2"] if layout == "fsdp_tp" else []  # resumed below
+        runs[layout] = run_titan(root / layout, *TRAIN, "data=tokens", f"data.path={store}",
+                                 f"parallel={layout}", *saves).check()
+    return runs
 
 
 @pytest.mark.slow
-def test_cli_store_run_reproduces_on_the_fly_losses(store, tmp_path):
-    fly = run_titan(tmp_path / "fly", *TRAIN).check()
-    tok = run_titan(tmp_path / "tok", *TRAIN, "data=tokens", f"data.path={store}").check()
-    assert tok.losses == fly.losses
-    fsdp = run_titan(tmp_path / "fsdp", *TRAIN, "data=tokens", f"data.path={store}", "parallel=fsdp").check()
-    assert np.allclose(fsdp.losses, fly.losses, rtol=1e-5, atol=0)
+def test_cli_store_runs_reproduce_on_the_fly_losses(cli_runs):
+    fly = cli_runs["fly"].losses
+    assert len(fly) == 4 and cli_runs["single"].losses == fly  # bit for bit: same arithmetic
+    for layout in STORE_LAYOUTS[1:]:
+        assert np.allclose(cli_runs[layout].losses, fly, rtol=1e-5, atol=0), layout
 
 
 @pytest.mark.slow
-def test_cli_store_resume_on_another_dp_degree(store, tmp_path):
-    common = ["training.steps=4", "data=tokens", f"data.path={store}", "checkpoint.interval=2",
-              "checkpoint.keep_last_k=0"]
-    full = run_titan(tmp_path / "full", *common, "parallel=single").check()
-    fsdp = run_titan(tmp_path / "fsdp", *common, "parallel=fsdp").check()
-    shutil.rmtree(fsdp.run_dir / "checkpoints" / "step-00000004")
-    (fsdp.run_dir / "metrics.jsonl").write_text("")
-    resumed = run_titan(fsdp.run_dir, *common, "parallel=single").check()
+def test_cli_store_resume_on_another_dp_degree(cli_runs, store, tmp_path):
+    """The fsdp_tp store run (dp=2) resumed single-process (dp=1) from its step-2 checkpoint
+    continues the single-process store run bit for bit."""
+    step2 = cli_runs["fsdp_tp"].run_dir / "checkpoints" / "step-00000002"
+    assert step2.is_dir()
+    resumed = run_titan(tmp_path / "resumed", *TRAIN, "data=tokens", f"data.path={store}",
+                        f"checkpoint.resume={step2}").check()
     assert [r["step"] for r in resumed.train] == [3, 4]
-    assert resumed.losses == full.losses[2:]  # bit for bit: same single-process arithmetic
-    assert np.allclose(fsdp.losses, full.losses, rtol=1e-5, atol=0)
+    assert resumed.losses == cli_runs["single"].losses[2:]
 
 
 def test_store_without_val_split_and_validation_on_is_refused(tmp_path):

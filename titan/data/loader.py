@@ -45,13 +45,84 @@ def check_batch_layout(seq_len: int, global_batch_size: int, micro_batch_size: i
     return local
 
 
-def micro_batch(windows: torch.Tensor, index: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Micro-batch `index` of a rank's windows (rows of seq_len + 1 tokens): inputs and labels."""
-    rows = windows[index * size:(index + 1) * size]
-    return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+class GlobalBatchLoader:
+    """The global-batch bookkeeping every loader shares (on the fly, token store, mixture).
+
+    A subclass defines the global stream of windows (rows of seq_len + 1 tokens) and, in
+    `_next_global_batch`, puts this rank's windows of the next global batch into `_windows`
+    (returning False at the end of finite data) and remembers where that batch began. This
+    class hands them out as `(inputs, labels)` micro-batches, and holds what the resumable state
+    needs about the step: the micro-batch index and the layout that a mid-step state depends on.
+    """
+
+    LAYOUT = ("seq_len", "global_batch_size", "dp_world", "micro_batch_size")
+
+    def __init__(self, seq_len: int, global_batch_size: int, micro_batch_size: int,
+                 dp_rank: int, dp_world: int, seed: int):
+        self.local_batch_size = check_batch_layout(seq_len, global_batch_size, micro_batch_size,
+                                                   dp_rank, dp_world)
+        self.seq_len = seq_len
+        self.global_batch_size = global_batch_size
+        self.micro_batch_size = micro_batch_size
+        self.dp_rank = dp_rank
+        self.dp_world = dp_world
+        self.seed = seed
+        self.micro_batches_per_step = self.local_batch_size // micro_batch_size  # grad accumulation
+        self._windows: Optional[torch.Tensor] = None  # this rank's windows of the current batch
+        self._micro = 0  # the next micro-batch in it
+
+    def _next_global_batch(self) -> bool:
+        raise NotImplementedError
+
+    def _set_windows(self, rows: np.ndarray) -> None:
+        self._windows = torch.from_numpy(np.ascontiguousarray(rows))
+        self._micro = 0
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next micro-batch: int64 inputs and labels, each (micro_batch_size, seq_len)."""
+        if self._windows is None or self._micro == self.micro_batches_per_step:
+            if not self._next_global_batch():
+                self._windows = None
+                raise StopIteration
+        rows = self._windows[self._micro * self.micro_batch_size:(self._micro + 1) * self.micro_batch_size]
+        self._micro += 1
+        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            try:
+                batch = self.next_batch()
+            except StopIteration:
+                return
+            yield batch
+
+    def _mid_step(self) -> bool:
+        """Whether some, not all, micro-batches of the current global batch were taken: the
+        resumable position is then where that batch began, plus the micro-batch index."""
+        return self._windows is not None and self._micro < self.micro_batches_per_step
+
+    def _step_state(self) -> dict[str, int]:
+        """The state entries common to every loader: micro-batch index, seed and layout."""
+        return {"micro_index": self._micro if self._mid_step() else 0, "seed": self.seed,
+                **{key: getattr(self, key) for key in self.LAYOUT}}
+
+    def _check_mid_step_layout(self, state: dict[str, int]) -> None:
+        """Between steps a state resumes on any layout; within a step only on the same one."""
+        if state["micro_index"] and any(state[k] != getattr(self, k) for k in self.LAYOUT):
+            raise ValueError("the loader state is mid-step (micro_index > 0); resume it with the "
+                             f"same {', '.join(self.LAYOUT)}")
+
+    def _restart_step(self, micro: int) -> None:
+        """After the position was restored: re-read the interrupted step's global batch and skip
+        the `micro` micro-batches already taken."""
+        self._windows, self._micro = None, 0
+        if micro:
+            if not self._next_global_batch():
+                raise ValueError("the loader state points past the end of the data")
+            self._micro = micro
 
 
-class TokenLoader:
+class TokenLoader(GlobalBatchLoader):
     """Packed `(inputs, labels)` micro-batches for one data-parallel rank.
 
     `documents` is a Sequence[str] (random access: shuffled per epoch when `shuffle`) or a
@@ -73,7 +144,7 @@ class TokenLoader:
         infinite: bool = True,
         shuffle: bool = True,
     ):
-        local = check_batch_layout(seq_len, global_batch_size, micro_batch_size, dp_rank, dp_world)
+        super().__init__(seq_len, global_batch_size, micro_batch_size, dp_rank, dp_world, seed)
         self._indexed = isinstance(documents, Sequence) and not isinstance(documents, str)
         if not self._indexed and iter(documents) is documents:
             raise TypeError("documents must be a Sequence or re-iterable (not a one-shot iterator)")
@@ -81,16 +152,8 @@ class TokenLoader:
             raise ValueError("no documents to load")
         self.documents = documents
         self.tokenizer = tokenizer
-        self.seq_len = seq_len
-        self.global_batch_size = global_batch_size
-        self.micro_batch_size = micro_batch_size
-        self.dp_rank = dp_rank
-        self.dp_world = dp_world
-        self.seed = seed
         self.infinite = infinite
         self.shuffle = shuffle
-        self.local_batch_size = local
-        self.micro_batches_per_step = local // micro_batch_size  # gradient accumulation steps
 
         # Stream cursor: the next unread token is `_offset` into document `_doc` of `_epoch`.
         self._epoch = self._doc = self._offset = 0
@@ -99,12 +162,9 @@ class TokenLoader:
         self._stream: tuple[int, int, Iterator[str]] | None = None  # (epoch, next index, iter)
         self._resumable = getattr(documents, "open_resumable", None) is not None
         self._doc_stream_state: tuple[int, int, str] | None = None  # stream state before a doc
-        # The current global batch: this rank's windows, the cursor where the batch began (the
-        # resumable position while it is being consumed) and the next micro-batch in it.
-        self._windows: Optional[torch.Tensor] = None
+        # Where the current global batch began: the resumable position while it is consumed.
         self._batch_start = (0, 0, 0)
         self._batch_stream_state = ""
-        self._micro = 0
 
     # ----------------------------------------------------------------------------------------
     # documents and tokens
@@ -196,50 +256,23 @@ class TokenLoader:
         if tokens is None:
             return False
         lo = self.dp_rank * self.local_batch_size
-        mine = tokens.reshape(self.global_batch_size, window)[lo:lo + self.local_batch_size]
-        self._windows = torch.from_numpy(np.ascontiguousarray(mine))
-        self._micro = 0
+        self._set_windows(tokens.reshape(self.global_batch_size, window)[lo:lo + self.local_batch_size])
         return True
 
     # ----------------------------------------------------------------------------------------
-    # public API
+    # resumable state
     # ----------------------------------------------------------------------------------------
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next micro-batch: int64 inputs and labels, each (micro_batch_size, seq_len)."""
-        if self._windows is None or self._micro == self.micro_batches_per_step:
-            if not self._next_global_batch():
-                self._windows = None
-                raise StopIteration
-        batch = micro_batch(self._windows, self._micro, self.micro_batch_size)
-        self._micro += 1
-        return batch
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        while True:
-            try:
-                batch = self.next_batch()
-            except StopIteration:
-                return
-            yield batch
-
     def state_dict(self) -> dict[str, Any]:
         """Plain ints: the stream position and the micro-batch within the current global batch.
 
         Between optimizer steps (`micro_index` 0) the state is the same on every rank and does
         not depend on the parallel layout, so a run may resume on another dp degree.
         """
-        if self._windows is not None and self._micro < self.micro_batches_per_step:
-            (epoch, doc, offset), micro = self._batch_start, self._micro
-            stream = self._batch_stream_state
+        if self._mid_step():
+            (epoch, doc, offset), stream = self._batch_start, self._batch_stream_state
         else:
-            epoch, doc, offset, micro = self._epoch, self._doc, self._offset, 0
-            stream = self._stream_state()
-        state = {
-            "epoch": epoch, "document": doc, "token_offset": offset, "micro_index": micro,
-            "seed": self.seed, "seq_len": self.seq_len,
-            "global_batch_size": self.global_batch_size, "dp_world": self.dp_world,
-            "micro_batch_size": self.micro_batch_size,
-        }
+            epoch, doc, offset, stream = self._epoch, self._doc, self._offset, self._stream_state()
+        state = {"epoch": epoch, "document": doc, "token_offset": offset, **self._step_state()}
         if self._resumable:  # a JSON string: the dataset's own position (hf streaming)
             state["stream_state"] = stream
         return state
@@ -250,24 +283,17 @@ class TokenLoader:
         if state["seed"] != self.seed:
             raise ValueError(f"loader state was saved with seed {state['seed']}, "
                              f"this loader uses {self.seed}")
-        micro = state["micro_index"]
-        layout = ("seq_len", "global_batch_size", "dp_world", "micro_batch_size")
-        if micro and any(state[k] != getattr(self, k) for k in layout):
-            raise ValueError("the loader state is mid-step (micro_index > 0); resume it with the "
-                             f"same {', '.join(layout)}")
+        self._check_mid_step_layout(state)
         self._epoch, self._doc = state["epoch"], state["document"]
         self._offset = state["token_offset"]
-        self._tokens, self._stream, self._windows, self._micro = None, None, None, 0
+        self._tokens, self._stream, self._windows = None, None, None
         if stream and self._resumable:  # restart the dataset where it was, no re-reading
             self._stream = (self._epoch, self._doc, self._open_stream(stream))
         if self._offset:  # re-tokenize the document under the cursor; check the offset fits
             tokens = self._current_tokens()
             if tokens is None or self._offset >= len(tokens):
                 raise ValueError("the loader state does not match these documents/tokenizer")
-        if micro:
-            if not self._next_global_batch():
-                raise ValueError("the loader state points past the end of the data")
-            self._micro = micro
+        self._restart_step(state["micro_index"])
 
 
 def build_data(

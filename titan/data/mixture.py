@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from titan.config.errors import ConfigError
-from titan.data.loader import TokenLoader, check_batch_layout, micro_batch
+from titan.data.loader import GlobalBatchLoader, TokenLoader
 
 
 def schedule(weights: list[float]) -> tuple[np.ndarray, np.ndarray]:
@@ -94,26 +94,19 @@ class StreamWindows:
         self.position = state["position"]
 
 
-class MixtureLoader:
+class MixtureLoader(GlobalBatchLoader):
     """Packed micro-batches for one data-parallel rank from a weighted mixture of sources."""
 
     def __init__(self, sources: list[tuple[str, Any]], weights: list[float], seq_len: int,
                  global_batch_size: int, micro_batch_size: int, dp_rank: int = 0,
                  dp_world: int = 1, seed: int = 0):
-        self.local_batch_size = check_batch_layout(seq_len, global_batch_size, micro_batch_size,
-                                                   dp_rank, dp_world)
+        super().__init__(seq_len, global_batch_size, micro_batch_size, dp_rank, dp_world, seed)
         self.names = [name for name, _ in sources]
         self.sources = [src for _, src in sources]
         self.assign, self.prefix = schedule(weights)
         self.period = len(self.assign)
-        self.seq_len, self.seed = seq_len, seed
-        self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
-        self.dp_rank, self.dp_world = dp_rank, dp_world
-        self.micro_batches_per_step = self.local_batch_size // micro_batch_size
         self._next_window = 0
         self._batch_start: tuple[int, dict] = (0, self._stream_states())
-        self._windows: Optional[torch.Tensor] = None
-        self._micro = 0
 
     def count(self, i: int, k: int) -> int:
         """Windows of source i among global windows [0, k)."""
@@ -124,7 +117,7 @@ class MixtureLoader:
         return {f"source{i}.{key}": value for i, src in enumerate(self.sources) if src.sequential
                 for key, value in src.state().items()}
 
-    def _next_global_batch(self) -> None:
+    def _next_global_batch(self) -> bool:
         self._batch_start = (self._next_window, self._stream_states())
         first = self._next_window + self.dp_rank * self.local_batch_size
         rows = []
@@ -135,24 +128,15 @@ class MixtureLoader:
         for i, src in enumerate(self.sources):  # same stream positions on every rank
             if src.sequential:
                 src.advance_to(self.count(i, self._next_window))
-        self._windows = torch.from_numpy(np.stack(rows))
-        self._micro = 0
-
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._windows is None or self._micro == self.micro_batches_per_step:
-            self._next_global_batch()
-        batch = micro_batch(self._windows, self._micro, self.micro_batch_size)
-        self._micro += 1
-        return batch
+        self._set_windows(np.stack(rows))
+        return True  # every source repeats its epochs: the mixture never ends
 
     def state_dict(self) -> dict[str, Any]:
-        if self._windows is not None and self._micro < self.micro_batches_per_step:
-            (window, streams), micro = self._batch_start, self._micro
+        if self._mid_step():
+            window, streams = self._batch_start
         else:
-            window, streams, micro = self._next_window, self._stream_states(), 0
-        return {"window": window, "micro_index": micro, "seed": self.seed, "seq_len": self.seq_len,
-                "global_batch_size": self.global_batch_size, "dp_world": self.dp_world,
-                "micro_batch_size": self.micro_batch_size, "mix_period": self.period, **streams}
+            window, streams = self._next_window, self._stream_states()
+        return {"window": window, **self._step_state(), "mix_period": self.period, **streams}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         state = {k: int(v) for k, v in state.items()}
@@ -160,19 +144,13 @@ class MixtureLoader:
             if state.get(key) != ours:
                 raise ValueError(f"the loader state was saved with {key}={state.get(key)}, this "
                                  f"mixture has {key}={ours}")
-        micro = state["micro_index"]
-        layout = ("global_batch_size", "dp_world", "micro_batch_size")
-        if micro and any(state[k] != getattr(self, k) for k in layout):
-            raise ValueError("the loader state is mid-step (micro_index > 0); resume it with the "
-                             f"same {', '.join(layout)}")
+        self._check_mid_step_layout(state)
         for i, src in enumerate(self.sources):
             if src.sequential:
                 prefix = f"source{i}."
                 src.load({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
-        self._next_window, self._windows, self._micro = state["window"], None, 0
-        if micro:
-            self._next_global_batch()
-            self._micro = micro
+        self._next_window = state["window"]
+        self._restart_step(state["micro_index"])
 
     def source_tokens(self, state: dict[str, Any]) -> dict[str, int]:
         """Training tokens taken from each source up to `state` (whole steps)."""

@@ -16,32 +16,23 @@ a step): plain integers, the same on every rank, valid under any dp degree.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import numpy as np
-import torch
 
-from titan.data.loader import check_batch_layout, micro_batch
+from titan.data.loader import GlobalBatchLoader
 from titan.data.store import SplitTokens
 
 
-class StoreLoader:
+class StoreLoader(GlobalBatchLoader):
     """Packed `(inputs, labels)` micro-batches for one data-parallel rank, from a store split."""
 
     def __init__(self, tokens: SplitTokens, seq_len: int, global_batch_size: int,
                  micro_batch_size: int, dp_rank: int = 0, dp_world: int = 1, seed: int = 0,
                  shuffle: bool = True):
-        self.local_batch_size = check_batch_layout(seq_len, global_batch_size, micro_batch_size,
-                                                   dp_rank, dp_world)
+        super().__init__(seq_len, global_batch_size, micro_batch_size, dp_rank, dp_world, seed)
         self.tokens = tokens
-        self.seq_len = seq_len
-        self.global_batch_size = global_batch_size
-        self.micro_batch_size = micro_batch_size
-        self.dp_rank = dp_rank
-        self.dp_world = dp_world
-        self.seed = seed
         self.shuffle = shuffle
-        self.micro_batches_per_step = self.local_batch_size // micro_batch_size
         self.window = seq_len + 1
         self.windows_per_epoch = tokens.n_tokens // self.window
         if shuffle and self.windows_per_epoch == 0:
@@ -49,8 +40,6 @@ class StoreLoader:
                              f"one window of seq_len + 1 = {self.window}")
         self._next_window = 0  # first global window of the next global batch
         self._batch_start = 0
-        self._windows: Optional[torch.Tensor] = None
-        self._micro = 0
         self._perm: tuple[int, np.ndarray] | None = None
 
     def _window_start(self, k: int) -> int:
@@ -63,34 +52,17 @@ class StoreLoader:
             self._perm = (epoch, rng.permutation(self.windows_per_epoch))
         return int(self._perm[1][i]) * self.window
 
-    def _next_global_batch(self) -> None:
+    def _next_global_batch(self) -> bool:
         self._batch_start = self._next_window
         first = self._next_window + self.dp_rank * self.local_batch_size
-        rows = [self.tokens.read(self._window_start(k), self.window)
-                for k in range(first, first + self.local_batch_size)]
-        self._windows = torch.from_numpy(np.stack(rows))
+        self._set_windows(np.stack([self.tokens.read(self._window_start(k), self.window)
+                                    for k in range(first, first + self.local_batch_size)]))
         self._next_window += self.global_batch_size
-        self._micro = 0
-
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._windows is None or self._micro == self.micro_batches_per_step:
-            self._next_global_batch()
-        batch = micro_batch(self._windows, self._micro, self.micro_batch_size)
-        self._micro += 1
-        return batch
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        while True:
-            yield self.next_batch()
+        return True  # epochs repeat: the stream never ends
 
     def state_dict(self) -> dict[str, Any]:
-        if self._windows is not None and self._micro < self.micro_batches_per_step:
-            window, micro = self._batch_start, self._micro
-        else:
-            window, micro = self._next_window, 0
-        return {"window": window, "micro_index": micro, "seed": self.seed, "seq_len": self.seq_len,
-                "global_batch_size": self.global_batch_size, "dp_world": self.dp_world,
-                "micro_batch_size": self.micro_batch_size, "shuffle": int(self.shuffle),
+        window = self._batch_start if self._mid_step() else self._next_window
+        return {"window": window, **self._step_state(), "shuffle": int(self.shuffle),
                 "split_tokens": self.tokens.n_tokens}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -103,15 +75,9 @@ class StoreLoader:
             if state[key] != ours:
                 raise ValueError(f"the loader state was saved with {key}={state[key]}, this "
                                  f"loader has {key}={ours} (another store or data settings)")
-        micro = state["micro_index"]
-        layout = ("global_batch_size", "dp_world", "micro_batch_size")
-        if micro and any(state[k] != getattr(self, k) for k in layout):
-            raise ValueError("the loader state is mid-step (micro_index > 0); resume it with the "
-                             f"same {', '.join(layout)}")
-        self._next_window, self._windows, self._micro = state["window"], None, 0
-        if micro:
-            self._next_global_batch()
-            self._micro = micro
+        self._check_mid_step_layout(state)
+        self._next_window = state["window"]
+        self._restart_step(state["micro_index"])
 
 
 def build_store_data(data_cfg, tokenizer, seq_len: int, global_batch_size: int,

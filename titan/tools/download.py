@@ -15,7 +15,9 @@ Exit status: 0 done, 1 the download failed (one line says why), 2 bad arguments.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Optional
@@ -50,10 +52,12 @@ def download(repo: str, tokenizer_only: bool = False, directory: Optional[str] =
     except RevisionNotFoundError:
         raise DownloadError(f"{repo} has no revision {revision!r}") from None
     except LocalEntryNotFoundError:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        why = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached (no network?)"
-        raise DownloadError(f"{repo} is not in the local cache and {why}; connect, or copy "
-                            "the files into a directory and point tokenizer.path at it") from None
+        local = _copy_from_cache(repo, revision, patterns, directory) if directory else None
+        if local is None:
+            offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+            why = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached (no network?)"
+            raise DownloadError(f"{repo} is not in the local cache and {why}; connect, or copy "
+                                "the files into a directory and point tokenizer.path at it") from None
     if not (local / "tokenizer.json").is_file():
         have = sorted(p.name for p in local.iterdir()) if local.is_dir() else []
         raise DownloadError(f"{repo} has no tokenizer.json (it has: {', '.join(have) or 'nothing'}); "
@@ -62,6 +66,27 @@ def download(repo: str, tokenizer_only: bool = False, directory: Optional[str] =
         raise DownloadError(f"{repo} has no .safetensors weights in {local}; "
                             "use --tokenizer-only to fetch only the tokenizer")
     return local
+
+
+def _copy_from_cache(repo: str, revision: Optional[str], patterns: list[str],
+                     directory: str) -> Optional[Path]:
+    """--dir without the Hub (offline, no network): huggingface_hub then looks only in the
+    directory itself, so copy the wanted files from the local cache when it holds the repo."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        cached = Path(snapshot_download(repo, revision=revision, allow_patterns=patterns,
+                                        local_files_only=True))
+    except LocalEntryNotFoundError:
+        return None
+    target = Path(directory)
+    for path in sorted(cached.rglob("*")):
+        name = path.relative_to(cached).as_posix()
+        if path.is_file() and any(fnmatch.fnmatch(name, p) for p in patterns):
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target / name)  # the file, not the cache's symlink to a blob
+    return target.resolve()
 
 
 def main(argv: Optional[list[str]] = None) -> int:
