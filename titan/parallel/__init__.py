@@ -26,7 +26,7 @@ from titan.config.schema import ParallelConfig, PrecisionConfig, ReshardAfterFor
 from titan.parallel.context_parallel import apply_cp
 from titan.parallel.expert import apply_ep, count_over, ep_meshes, expert_params, reduce_expert_grads
 from titan.parallel.fsdp import apply_ddp, apply_fsdp
-from titan.parallel.grad import all_reduce_mean, all_reduce_sum, clip_grad_norm_, plain, total_grad_norm
+from titan.parallel.grad import add_replicated, all_reduce_mean, all_reduce_sum, clip_grad_norm_, plain, total_grad_norm
 from titan.parallel.init import materialize_and_init
 from titan.parallel.pipeline import Pipeline, build_pipeline, split_stages
 from titan.parallel.mesh import DIMS, ParallelMesh, build_mesh, dim_size, dp_rank_and_world, group_of, resolve_degrees, validate_layout
@@ -209,6 +209,7 @@ def build_parallel(cfg, env) -> Parallel:
 
 __all__ = [
     "DIMS",
+    "add_replicated",
     "Parallel",
     "Pipeline",
     "ParallelMesh",

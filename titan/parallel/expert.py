@@ -29,7 +29,7 @@ from titan.models.moe import MoE, moe_layers
 
 
 def validate_ep(cfg, degrees: dict[str, int]) -> None:
-    """ep must split dp_shard and the experts; other dims are refused with ep for now."""
+    """ep must split dp_shard and the experts; cp is refused with ep (not wired yet)."""
     ep = cfg.parallel.ep
     if ep == 1:
         return
@@ -40,9 +40,8 @@ def validate_ep(cfg, degrees: dict[str, int]) -> None:
     experts = cfg.model.moe.num_experts
     if experts <= 0 or experts % ep:
         raise ConfigError("parallel.ep", f"ep={ep} must divide model.moe.num_experts={experts} (a MoE model is needed)")
-    for dim in ("cp", "tp", "pp"):
-        if degrees[dim] > 1:
-            raise ConfigError(f"parallel.{dim}", f"expert parallelism does not compose with {dim} > 1 yet; set parallel.{dim}=1")
+    if degrees["cp"] > 1:
+        raise ConfigError("parallel.cp", "expert parallelism does not compose with cp > 1 yet; set parallel.cp=1")
 
 
 class _AllToAll(torch.autograd.Function):
