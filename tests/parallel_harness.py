@@ -14,7 +14,7 @@ shows up as a difference from the single-process run.
 `world` ranks that run each `(key, overrides)` in turn (one process group, reused) and returns
 rank 0's results. Results: `init` / `final` (full weights before / after), `losses` and
 `grad_norms` (the global values `train_step` returns), `val_loss` (`Trainer.validate`),
-`degrees`, `cpu_offload` (FSDP2 offloads), `compiled_graphs` (new torch.compile graphs); under pp also `stage_keys`, `n_microbatches`, `has_first_last` of rank 0.
+`degrees`, `cpu_offload` (FSDP2 offloads), `local_param_bytes` (rank 0's shards), `compiled_graphs` (new torch.compile graphs); under pp also `stage_keys`, `n_microbatches`, `has_first_last` of rank 0.
 """
 
 from __future__ import annotations
@@ -126,6 +126,12 @@ def _whole_model_state(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {k: v for part in parts for k, v in part.items()}
 
 
+def _local_param_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the parameters this rank holds (its shards; a tied weight once)."""
+    unique = {id(p): p for p in model.parameters()}.values()
+    return sum((p.to_local() if isinstance(p, DTensor) else p).numel() * p.element_size() for p in unique)
+
+
 def _offloads(model: torch.nn.Module) -> bool:
     """Whether FSDP2 holds any of the model's parameter groups with a CPUOffloadPolicy."""
     from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule
@@ -140,6 +146,7 @@ def _train(cfg: TrainConfig, env: RankEnv) -> dict:
     trainer = Trainer(cfg, env)
     c, state = trainer.c, trainer.c.state
     init = _whole_model_state(trainer)
+    local_bytes = _local_param_bytes(c.model)  # before any forward (FSDP keeps some groups gathered after one)
     losses, norms = [], []
     while state.step < cfg.training.steps:
         state.step += 1
@@ -159,6 +166,7 @@ def _train(cfg: TrainConfig, env: RankEnv) -> dict:
         "val_loss": trainer.validate()["val_loss"],
         "degrees": dict(c.parallel.degrees),
         "cpu_offload": _offloads(c.model),
+        "local_param_bytes": local_bytes,
         "compiled_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs,
     }
     if c.pipeline is not None:

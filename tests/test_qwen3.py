@@ -63,7 +63,8 @@ def test_deepseek_style_preset_counts():
         (["model.family=gpt9"], "model.family"),
         (["model=qwen3_moe_debug", "model.moe.top_k=9"], "model.moe.top_k"),
         (["model=qwen3_moe_debug", "model.head_dim=33"], "model.head_dim"),
-        (["model=qwen3_moe_debug", "parallel=tp"], "parallel.tp"),
+        (["model=qwen3_moe_debug", "parallel=tp", "model.moe.n_shared_experts=1", "model.moe.expert_hidden=33"], "model.moe.expert_hidden"),
+        (["model=qwen3_moe_debug", "parallel=pp"], "model.moe.aux_loss_coef"),  # not carried through pipeline schedules
     ],
 )
 def test_family_config_errors_name_the_key(overrides, key):

@@ -56,9 +56,7 @@ class KVCache:
 
 def _cached_attention(attn: Attention, x: torch.Tensor, rope: torch.Tensor, cache: KVCache, layer: int, start: int) -> torch.Tensor:
     bsz, seq, _ = x.shape
-    q = attn.wq(x).view(bsz, seq, -1, attn.head_dim)
-    k = attn.wk(x).view(bsz, seq, -1, attn.head_dim)
-    v = attn.wv(x).view(bsz, seq, -1, attn.head_dim)
+    q, k, v = attn.qkv(x)  # a family's own projections (e.g. Qwen3's QK-norm) included
     q, k = apply_rope(q, rope), apply_rope(k, rope)
     keys, values = cache.update(layer, start, k, v)
     repeats = q.shape[2] // keys.shape[2]

@@ -37,8 +37,12 @@ FP32 = 4
 H100_BF16_TFLOPS = 989.0  # dense bf16 peak, H100 SXM
 
 # Column-parallel weights are split on dim 0 by TP, row-parallel ones on dim 1; 1-D params
-# (norms) are replicated. The embedding is vocab-parallel: also dim 0.
-_ROWWISE = ("attention.wo.weight", "feed_forward.w2.weight")
+# (norms) are replicated. The embedding is vocab-parallel: also dim 0. A MoE router's gate is
+# replicated over tp, and routed experts (E, ., .) are split by expert parallelism, not by TP
+# (titan/parallel/tp.py, expert.py).
+_ROWWISE = ("attention.wo.weight", "feed_forward.w2.weight", "shared.w2.weight")
+_TP_REPLICATED = ("router.gate.weight",)
+_ROUTED_EXPERTS = ("experts.w1", "experts.w2", "experts.w3")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -55,6 +59,7 @@ class Layout:
     sequence_parallel: bool
     loss_parallel: bool
     cp_mode: str = "allgather"  # titan.parallel.context_parallel: allgather | ring
+    ep: int = 1  # expert parallel, borrowed from dp_shard
 
     @property
     def world(self) -> int:
@@ -64,6 +69,14 @@ class Layout:
     def shard(self) -> int:
         """Ranks a parameter is FSDP-sharded over (1: not sharded)."""
         return self.dp_shard * self.cp if self.fsdp else 1
+
+    @property
+    def expert_shard(self) -> int:
+        """Ranks a routed expert's ep shard is FSDP-sharded over: those holding the same experts
+        (dp_shard / ep); without ep, like any parameter."""
+        if self.ep == 1:
+            return self.shard
+        return self.dp_shard // self.ep if self.fsdp else 1
 
     @property
     def dp(self) -> int:
@@ -109,6 +122,7 @@ def resolve_layout(cfg: TrainConfig, world_size: int) -> Layout:
         sequence_parallel=p.sequence_parallel and d["tp"] > 1,
         loss_parallel=p.loss_parallel and d["tp"] > 1,
         cp_mode=str(getattr(getattr(p, "cp_mode", None), "value", getattr(p, "cp_mode", None)) or "allgather"),
+        ep=getattr(p, "ep", 1),
     )
 
 
@@ -117,7 +131,8 @@ def resolve_layout(cfg: TrainConfig, world_size: int) -> Layout:
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class ParamShapes:
-    """Unique parameter shapes by role. All blocks are identical, so block 0 stands for all."""
+    """Unique parameter shapes by role. `block` is block 0; `layers` every block's (MoE models
+    may keep dense blocks first)."""
 
     block: dict[str, tuple[int, ...]]
     embedding: tuple[int, ...]
@@ -125,6 +140,10 @@ class ParamShapes:
     final_norm: tuple[int, ...]
     tied: bool
     total: int  # count_params of the whole model
+    layers: Optional[list[dict[str, tuple[int, ...]]]] = None
+
+    def layer(self, i: int) -> dict[str, tuple[int, ...]]:
+        return self.layers[i] if self.layers else self.block
 
     @property
     def block_numel(self) -> int:
@@ -133,9 +152,10 @@ class ParamShapes:
 
 def param_shapes(args: LlamaArgs) -> ParamShapes:
     model = build_model(args)  # meta device: shapes only
-    block = {n: tuple(p.shape) for n, p in model.layers["0"].named_parameters()}
+    layers = [{n: tuple(p.shape) for n, p in layer.named_parameters()} for layer in model.layers.values()]
     return ParamShapes(
-        block=block,
+        block=layers[0],
+        layers=layers,
         embedding=tuple(model.tok_embeddings.weight.shape),
         output=tuple(model.output.weight.shape),
         final_norm=tuple(model.norm.weight.shape),
@@ -144,14 +164,25 @@ def param_shapes(args: LlamaArgs) -> ParamShapes:
     )
 
 
-def local_numel(name: str, shape: tuple[int, ...], tp: int, shard: int) -> int:
-    """Elements of one parameter on one rank: TP split, then FSDP2's dim-0 split (padded up)."""
+def local_numel(name: str, shape: tuple[int, ...], layout: Layout, sharded: bool = True) -> int:
+    """Elements of one parameter on one rank: TP split (routed experts: EP split), then
+    FSDP2's dim-0 split (padded up) when `sharded`."""
     dims = list(shape)
-    if len(dims) == 2:
-        split = 1 if name.endswith(_ROWWISE) else 0
-        dims[split] = math.ceil(dims[split] / tp)
-    dims[0] = math.ceil(dims[0] / shard)
+    if name.endswith(_ROUTED_EXPERTS):
+        dims[0] = math.ceil(dims[0] / layout.ep)
+        shard = layout.expert_shard
+    else:
+        if len(dims) == 2 and not name.endswith(_TP_REPLICATED):
+            split = 1 if name.endswith(_ROWWISE) else 0
+            dims[split] = math.ceil(dims[split] / layout.tp)
+        shard = layout.shard
+    if sharded:
+        dims[0] = math.ceil(dims[0] / shard)
     return math.prod(dims)
+
+
+def block_numel(shapes: dict[str, tuple[int, ...]], layout: Layout, sharded: bool = True) -> int:
+    return sum(local_numel(n, s, layout, sharded) for n, s in shapes.items())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,6 +199,7 @@ class StageRank:
     has_embedding: bool
     has_output: bool
     in_flight: float  # micro-batches whose activations this rank holds at its peak (whole-rank units)
+    layer_ids: tuple[int, ...] = ()  # which blocks (model.layers keys)
 
 
 def stage_layers(n_layers: int, n_stages: int, explicit: Optional[list[int]]) -> list[int]:
@@ -210,6 +242,7 @@ def pipeline_ranks(cfg: TrainConfig, layout: Layout, n_mb: int) -> list[StageRan
     if cfg.model.n_layers < n_stages:
         raise ConfigError("parallel.pp", f"{n_stages} stages need at least {n_stages} layers, the model has {cfg.model.n_layers}")
     per_stage = stage_layers(cfg.model.n_layers, n_stages, p.pp_layers_per_stage if pp > 1 else None)
+    first = [sum(per_stage[:s]) for s in range(n_stages)]
     ranks = []
     for r in range(pp):
         if p.pp_schedule in _V_SHAPED and pp > 1:
@@ -224,6 +257,7 @@ def pipeline_ranks(cfg: TrainConfig, layout: Layout, n_mb: int) -> list[StageRan
                 has_embedding=0 in stages,
                 has_output=n_stages - 1 in stages,
                 in_flight=chunks / v,
+                layer_ids=tuple(i for s in sorted(stages) for i in range(first[s], first[s] + per_stage[s])),
             )
         )
     return ranks
@@ -389,11 +423,9 @@ class RankMemory:
 def _units(shapes: ParamShapes, rank: StageRank, layout: Layout) -> list[float]:
     """FSDP groups on this rank, as unsharded (after TP) element counts: each block, the
     embedding, norm+output; with tied weights the root holds embedding, norm and output."""
-    tp = layout.tp
-    block = sum(local_numel(n, s, tp, 1) for n, s in shapes.block.items())
-    units = [float(block)] * rank.layers
-    emb = local_numel("tok_embeddings.weight", shapes.embedding, tp, 1)
-    tail = local_numel("output.weight", shapes.output, tp, 1) + math.prod(shapes.final_norm)
+    units = [float(block_numel(shapes.layer(i), layout, sharded=False)) for i in rank.layer_ids]
+    emb = local_numel("tok_embeddings.weight", shapes.embedding, layout, sharded=False)
+    tail = local_numel("output.weight", shapes.output, layout, sharded=False) + math.prod(shapes.final_norm)
     if shapes.tied and layout.pp == 1:
         units.append(float(emb + math.prod(shapes.final_norm)))
     else:
@@ -427,21 +459,22 @@ def _backward_peak(a: Activations, n: int, block_grads: float, head_grads: float
 
 
 def rank_memory(args: LlamaArgs, shapes: ParamShapes, cfg: TrainConfig, layout: Layout, rank: StageRank, tokens: float, micro_batches: int, cpu: bool) -> RankMemory:
-    prec, tp, shard = cfg.precision, layout.tp, layout.shard
+    prec = cfg.precision
     act = DTYPE_BYTES[prec.param_dtype]
     state_bytes = DTYPE_BYTES[prec.optim_state_dtype]
 
     # Parameters held by this rank (a tied weight counts once unless PP puts its two uses on
     # different ranks).
-    block_local = sum(local_numel(n, s, tp, shard) for n, s in shapes.block.items())
-    local = [local_numel(n, s, tp, shard) for n, s in shapes.block.items()] * rank.layers
+    blocks = [block_numel(shapes.layer(i), layout) for i in rank.layer_ids]
+    block_local = max(blocks, default=0)
+    local = list(blocks)
     head_local = 0
     if rank.has_embedding:
-        local.append(local_numel("tok_embeddings.weight", shapes.embedding, tp, shard))
+        local.append(local_numel("tok_embeddings.weight", shapes.embedding, layout))
     if rank.has_output:
         if not (shapes.tied and rank.has_embedding):
-            head_local += local_numel("output.weight", shapes.output, tp, shard)
-        head_local += local_numel("norm.weight", shapes.final_norm, tp, shard)
+            head_local += local_numel("output.weight", shapes.output, layout)
+        head_local += local_numel("norm.weight", shapes.final_norm, layout)
         local.append(head_local)
     n_local = float(sum(local))
     biggest = float(max(local))
@@ -462,7 +495,7 @@ def rank_memory(args: LlamaArgs, shapes: ParamShapes, cfg: TrainConfig, layout: 
         never = cfg.parallel.reshard_after_forward is ReshardAfterForward.never
         gathered = (sum(units) if never else sum(sorted(units)[-2:])) * gather
         grad_bytes = act + DTYPE_BYTES[prec.reduce_dtype]
-        block_bufs = (units[0] if rank.layers else 0.0) * grad_bytes
+        block_bufs = (max(units[: rank.layers]) if rank.layers else 0.0) * grad_bytes
         output_bufs = (units[-1] if rank.has_output else 0.0) * grad_bytes
     # Without FSDP, weights are used through a second copy kept from forward to backward:
     # DDP (FSDP2's replicate) gathers into unsharded params of the compute dtype even on one
@@ -522,6 +555,12 @@ def communication(args: LlamaArgs, shapes: ParamShapes, cfg: TrainConfig, layout
     passes = accum * (n_mb if layout.pp > 1 else 1)  # forward+backward passes per step
 
     n = layout.shard
+    if layout.ep > 1:  # routed experts (after ep) go through FSDP on their own, smaller mesh
+        experts = sum(local_numel(k, v, layout, sharded=False) for i in rank.layer_ids for k, v in shapes.layer(i).items() if k.endswith(_ROUTED_EXPERTS))
+        unsharded -= experts
+        ne = layout.expert_shard
+        if ne > 1:
+            out["dp_shard / ep: expert FSDP all-gather + reduce-scatter"] = passes * experts * (2 * gather + red) * (ne - 1) / ne
     if n > 1:
         reshard = cfg.parallel.reshard_after_forward
         regather = 0.0 if reshard is ReshardAfterForward.never else unsharded
@@ -677,8 +716,8 @@ def plan(
         comm["ep: token all-to-all (dispatch + combine)"] = (
             4 * accum * n_mb * moe_layers * tokens * moe.top_k * args.dim * act * (p.ep - 1) / p.ep
         )
-        notes.append(f"ep={p.ep}: expert weights are sharded over ep only (replicated over dp_shard / ep); "
-                     "the memory estimate above shards every parameter over dp_shard")
+        if layout.expert_shard == 1 and layout.dp > p.ep:
+            notes.append(f"ep={p.ep}: routed experts are replicated over dp_replicate (dp_shard = ep: nothing left to shard them over)")
     detail = block_saved_bytes(args, tokens, DTYPE_BYTES[cfg.precision.param_dtype], layout, cpu)
 
     fpt = flops_per_token(args, shapes.total, t.seq_len)
@@ -694,7 +733,7 @@ def plan(
     return Plan(
         model=cfg.model.name,
         n_params=shapes.total,
-        layout={**{k: getattr(layout, k) for k in ("dp_replicate", "dp_shard", "cp", "tp", "pp")}, "fsdp": layout.fsdp},
+        layout={**{k: getattr(layout, k) for k in ("dp_replicate", "dp_shard", "cp", "tp", "pp", "ep")}, "fsdp": layout.fsdp},
         world_size=layout.world,
         seq_len=t.seq_len,
         micro_batch_size=micro,

@@ -155,10 +155,7 @@ class Attention(nn.Module):
         # The table is cut to the length seen here: under sequence parallelism the blocks'
         # inputs are sequence-sharded and only the attention input is gathered to full length.
         rope = rope[:, :seq] if rope.dim() == 4 else rope[:seq]
-        # -1 for heads: under tensor parallelism each rank holds a slice of the heads.
-        q = self.wq(x).view(bsz, seq, -1, self.head_dim)
-        k = self.wk(x).view(bsz, seq, -1, self.head_dim)
-        v = self.wv(x).view(bsz, seq, -1, self.head_dim)
+        q, k, v = self.qkv(x)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         repeats = self.n_heads // self.n_kv_heads
         if repeats > 1:  # grouped-query attention: share each K/V head across `repeats` queries
@@ -167,6 +164,12 @@ class Attention(nn.Module):
         qkv = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         out = self.sdpa(*qkv) if mask is None else self.sdpa(*qkv, mask=mask)
         return self.wo(out.transpose(1, 2).reshape(bsz, seq, -1))
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v of (batch, seq, dim) as (batch, seq, heads, head_dim), before RoPE. -1 for
+        heads: under tensor parallelism each rank holds a slice of the heads."""
+        bsz, seq, _ = x.shape
+        return tuple(lin(x).view(bsz, seq, -1, self.head_dim) for lin in (self.wq, self.wk, self.wv))
 
     def init_weights(self, std: float, out_std: float, generator: Optional[torch.Generator] = None) -> None:
         for lin in (self.wq, self.wk, self.wv):

@@ -24,9 +24,9 @@ from torch import nn
 from titan.config.errors import ConfigError
 from titan.config.schema import ParallelConfig, PrecisionConfig, ReshardAfterForward
 from titan.parallel.context_parallel import apply_cp
-from titan.parallel.expert import apply_ep, count_over, ep_meshes, expert_params, reduce_expert_grads
+from titan.parallel.expert import ExpertMeshes, apply_ep, count_over, ep_meshes, expert_modules, expert_params, reduce_expert_grads
 from titan.parallel.fsdp import apply_ddp, apply_fsdp
-from titan.parallel.grad import all_reduce_mean, all_reduce_sum, clip_grad_norm_, plain, total_grad_norm
+from titan.parallel.grad import add_replicated, all_reduce_mean, all_reduce_sum, clip_grad_norm_, plain, total_grad_norm
 from titan.parallel.init import materialize_and_init
 from titan.parallel.pipeline import Pipeline, build_pipeline, split_stages
 from titan.parallel.mesh import DIMS, ParallelMesh, build_mesh, dim_size, dp_rank_and_world, group_of, resolve_degrees, validate_layout
@@ -45,7 +45,7 @@ def parallelize(
     parallel_cfg: ParallelConfig,
     precision_cfg: PrecisionConfig,
     before_data_parallel: Sequence[ModelTransform] = (),
-    ep_mesh=None,
+    experts: Optional[ExpertMeshes] = None,
 ) -> nn.Module:
     """Apply TP, then `before_data_parallel` (activation checkpointing, compile: they must wrap
     the TP'd blocks and be wrapped by FSDP), then FSDP/HSDP (dp_shard x cp > 1) or DDP
@@ -62,13 +62,21 @@ def parallelize(
     if _degree(mesh, "cp") > 1:  # attention over the sequence shards; FSDP then shards over dp x cp
         cp_mesh = mesh["cp"]
         apply_cp(model, cp_mesh.get_group(), cp_mesh.get_local_rank(), cp_mesh.size(), parallel_cfg.cp_mode.value)
-    if ep_mesh is not None:  # experts sharded over ep, tokens routed by all-to-all
-        apply_ep(model, ep_mesh)
+    if experts is not None:  # experts sharded over ep, tokens routed by all-to-all
+        apply_ep(model, experts.ep)
     if _degree(mesh, "tp") > 1:
         apply_tp(model, mesh["tp"], parallel_cfg.sequence_parallel, parallel_cfg.loss_parallel, parallel_cfg.async_tp)
     for transform in before_data_parallel:
         model = transform(model) or model
     if _degree(mesh, "dp_shard", "cp") > 1:
+        # Experts: FSDP over the ranks holding the same ones (gradients divided by the whole
+        # data-parallel degree, as FSDP does for the rest), or outside FSDP when that is one rank.
+        own_mesh, ignored = (), None
+        if experts is not None and experts.fsdp is not None:
+            dp_degree = _degree(mesh, "dp_replicate", "dp_shard", "cp")
+            own_mesh = [(module, experts.fsdp, float(dp_degree)) for module in expert_modules(model)]
+        elif experts is not None:
+            ignored = expert_params(model)
         apply_fsdp(
             model,
             mesh.data_parallel,
@@ -76,7 +84,8 @@ def parallelize(
             precision_cfg.reduce_dtype,
             parallel_cfg.reshard_after_forward,
             parallel_cfg.cpu_offload,
-            ignored_params=expert_params(model) if ep_mesh is not None else None,
+            ignored_params=ignored,
+            own_mesh=own_mesh,
         )
     elif _degree(mesh, "dp_replicate") > 1:
         apply_ddp(model, mesh.data_parallel, precision_cfg.param_dtype, precision_cfg.reduce_dtype)
@@ -107,15 +116,16 @@ class Parallel:
         self.pp_enabled = d["pp"] > 1
         self.pp_group = group_of(self.mesh, "pp")
         self.pp_rank = self.mesh["pp"].get_local_rank() if self.pp_enabled else 0
-        self.ep_mesh, self.ep_replicas, self._models = None, None, []
+        self.experts: Optional[ExpertMeshes] = None
+        self._models: list = []
         if parallel_cfg.ep > 1:
-            self.ep_mesh, self.ep_replicas = ep_meshes(d, parallel_cfg.ep, device_type)
+            self.experts = ep_meshes(d, parallel_cfg.ep, device_type)
 
     def apply(self, model: nn.Module, before_data_parallel: Sequence[ModelTransform] = ()) -> nn.Module:
         """See `parallelize`. FSDP's dtypes come from the PrecisionConfig given at construction."""
         count_over(model, self.dp_cp_group)  # MoE loads over the whole batch, whatever the layout
         self._models.append(model)
-        return parallelize(model, self.mesh, self.cfg, self.precision_cfg, before_data_parallel, ep_mesh=self.ep_mesh)
+        return parallelize(model, self.mesh, self.cfg, self.precision_cfg, before_data_parallel, experts=self.experts)
 
     def build_pipeline(
         self,
@@ -174,9 +184,10 @@ class Parallel:
         pipeline's `model_parts`) whose parameters are taken; under pp the norm combines
         every stage's."""
         flat = [q for p in params for q in (p.parameters() if isinstance(p, nn.Module) else (p,))]
-        if self.ep_mesh is not None:  # expert gradients are outside FSDP: mean them here
+        e = self.experts
+        if e is not None and e.fsdp is None:  # experts outside FSDP: mean their gradients here
             for model in self._models:
-                reduce_expert_grads(model, self.ep_replicas.get_group() if self.ep_replicas is not None else None, self.loss_divisor)
+                reduce_expert_grads(model, e.replicas.get_group() if e.replicas is not None else None, self.loss_divisor)
         return clip_grad_norm_(flat, max_norm, pp_group=self.pp_group)
 
     def plain_loss(self, loss: torch.Tensor) -> torch.Tensor:
@@ -209,6 +220,7 @@ def build_parallel(cfg, env) -> Parallel:
 
 __all__ = [
     "DIMS",
+    "add_replicated",
     "Parallel",
     "Pipeline",
     "ParallelMesh",

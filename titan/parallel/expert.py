@@ -9,14 +9,21 @@ innermost, so an ep group is ep data-parallel ranks reading different batches. P
   -> all_to_all_single back -> weighted combine (local)
 
 Expert weights are DTensors sharded on the expert dim over the ep mesh, so checkpoints hold
-whole tensors and resume under another ep degree. They are left out of FSDP: their gradients
-already sum the contributions of the whole ep group (through the all-to-all's backward), and
-`reduce_expert_grads` sums them over the ranks holding the same experts (dp_shard / ep and
-dp_replicate) and divides by the data-parallel degree, matching FSDP's mean for the rest.
+whole tensors and resume under another ep degree. Their gradients already sum the
+contributions of the whole ep group (through the all-to-all's backward). Over the other
+data-parallel ranks, those holding the same experts (dp_shard / ep, "dp_shard_mod_ep", and
+dp_replicate), they are FSDP-sharded on their own mesh when dp_shard / ep > 1 (each rank keeps
+1/(dp_shard/ep) of its ep shard; gradients reduce-scattered there and divided by the whole
+data-parallel degree, matching FSDP's mean for the rest). With dp_shard = ep they stay out of
+FSDP and `reduce_expert_grads` all-reduces them over dp_replicate and divides alike.
+
+Under tensor parallelism every tp rank routes the whole (gathered) sequence of its batch, so
+ep groups are made of ranks with the same tp index and the experts are not split by tp.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -29,7 +36,7 @@ from titan.models.moe import MoE, moe_layers
 
 
 def validate_ep(cfg, degrees: dict[str, int]) -> None:
-    """ep must split dp_shard and the experts; other dims are refused with ep for now."""
+    """ep must split dp_shard and the experts; cp is refused with ep (not wired yet)."""
     ep = cfg.parallel.ep
     if ep == 1:
         return
@@ -40,9 +47,8 @@ def validate_ep(cfg, degrees: dict[str, int]) -> None:
     experts = cfg.model.moe.num_experts
     if experts <= 0 or experts % ep:
         raise ConfigError("parallel.ep", f"ep={ep} must divide model.moe.num_experts={experts} (a MoE model is needed)")
-    for dim in ("cp", "tp", "pp"):
-        if degrees[dim] > 1:
-            raise ConfigError(f"parallel.{dim}", f"expert parallelism does not compose with {dim} > 1 yet; set parallel.{dim}=1")
+    if degrees["cp"] > 1:
+        raise ConfigError("parallel.cp", "expert parallelism does not compose with cp > 1 yet; set parallel.cp=1")
 
 
 class _AllToAll(torch.autograd.Function):
@@ -146,19 +152,32 @@ def reduce_expert_grads(model: nn.Module, replica_group, dp_degree: int) -> None
         local.div_(dp_degree)
 
 
-def ep_meshes(degrees: dict[str, int], ep: int, device_type: str) -> tuple[object, Optional[object]]:
-    """(ep mesh, mesh of the ranks holding the same experts or None): the world with dp_shard
-    split into (dp_shard / ep, ep), ranks laid out as in titan.parallel.mesh."""
+@dataclass
+class ExpertMeshes:
+    ep: object  # the ranks that split the experts (all-to-all group)
+    replicas: Optional[object]  # flattened (dp_replicate, dp_shard_mod_ep): ranks holding the same experts; None if one
+    fsdp: Optional[object]  # what expert weights are FSDP-sharded over (dp_shard_mod_ep, HSDP with dp_replicate); None: not sharded
+
+
+def ep_meshes(degrees: dict[str, int], ep: int, device_type: str) -> ExpertMeshes:
+    """The world with dp_shard split into (dp_shard / ep, ep), ranks laid out as in
+    titan.parallel.mesh, and the meshes cut from it (one root, so FSDP composes with EP)."""
     from torch.distributed.device_mesh import init_device_mesh
 
     d = degrees
     shape = (d["pp"], d["dp_replicate"], d["dp_shard"] // ep, ep, d["cp"], d["tp"])
     names = ("pp", "dp_replicate", "dp_shard_mod_ep", "ep", "cp", "tp")
     world = init_device_mesh(device_type, shape, mesh_dim_names=names)
-    replicas = None
+    replicas, fsdp = None, None
     if d["dp_replicate"] * (d["dp_shard"] // ep) > 1:
         replicas = world["dp_replicate", "dp_shard_mod_ep"]._flatten("ep_replicas")
-    return world["ep"], replicas
+    if d["dp_shard"] // ep > 1:
+        fsdp = world["dp_replicate", "dp_shard_mod_ep"] if d["dp_replicate"] > 1 else world["dp_shard_mod_ep"]
+    return ExpertMeshes(world["ep"], replicas, fsdp)
 
 
-__all__ = ["MoE", "apply_ep", "count_over", "ep_meshes", "expert_params", "reduce_expert_grads", "validate_ep"]
+def expert_modules(model: nn.Module) -> list[nn.Module]:
+    return [layer.experts for layer in moe_layers(model)]
+
+
+__all__ = ["ExpertMeshes", "MoE", "apply_ep", "count_over", "ep_meshes", "expert_modules", "expert_params", "reduce_expert_grads", "validate_ep"]

@@ -8,7 +8,7 @@ must be its own tokens' mean (see `Parallel.loss_divisor`).
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -45,13 +45,17 @@ def apply_fsdp(
     reshard_after_forward: ReshardAfterForward = ReshardAfterForward.default,
     cpu_offload: bool = False,
     ignored_params: Optional[set] = None,
+    own_mesh: Sequence[tuple[nn.Module, object, float]] = (),
 ) -> nn.Module:
     """Shard `model` over `dp_mesh` (1-D: FSDP; 2-D (replicate, shard): HSDP), in place.
 
     Groups, each all-gathered / reduce-scattered as one collective: the embedding, each
     block, the final norm with the output projection, then the root (whatever is left, e.g.
     a tied embedding). `default` resharding keeps the last groups gathered after forward
-    because backward needs them first; pipeline stages should pass `always`."""
+    because backward needs them first; pipeline stages should pass `always`.
+    `own_mesh`: (module, mesh, gradient divide factor) sharded first, on a mesh of their own
+    (expert-parallel experts over the ranks holding the same experts); the groups above leave
+    their parameters alone."""
     kwargs = dict(mesh=dp_mesh, mp_policy=_mp_policy(param_dtype, reduce_dtype))
     if ignored_params:  # e.g. expert-parallel experts, sharded and reduced on their own mesh
         kwargs["ignored_params"] = ignored_params
@@ -64,6 +68,9 @@ def apply_fsdp(
     def reshard(last: bool) -> bool:
         return not never and not (policy is ReshardAfterForward.default and last)
 
+    for module, mesh, divide_factor in own_mesh:
+        fully_shard(module, reshard_after_forward=reshard(last=False), **{**kwargs, "mesh": mesh})
+        module.set_gradient_divide_factor(divide_factor)
     tied = getattr(model.args, "tie_embeddings", False)
     if model.tok_embeddings is not None and not tied:
         fully_shard(model.tok_embeddings, reshard_after_forward=reshard(last=False), **kwargs)

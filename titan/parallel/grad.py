@@ -77,6 +77,14 @@ def plain(value: torch.Tensor) -> torch.Tensor:
     return value.full_tensor() if isinstance(value, DTensor) else value
 
 
+def add_replicated(loss: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """`loss + value` where `value` is the same on every rank of the loss's mesh (e.g. a MoE aux
+    loss next to a loss_parallel loss, a replicated DTensor: the two cannot mix plainly)."""
+    if isinstance(loss, DTensor) and not isinstance(value, DTensor):
+        value = DTensor.from_local(value, loss.device_mesh, loss.placements, run_check=False)
+    return loss + value
+
+
 def all_reduce_sum(value: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
     """Sum of `value` over `group` (a copy; the input is untouched). None: one rank."""
     out = plain(value).clone()

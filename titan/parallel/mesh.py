@@ -93,9 +93,13 @@ def validate_layout(cfg, world_size: int) -> None:
         for key, value in (("model.n_heads", m.n_heads), ("model.n_kv_heads", kv)):
             if value % tp:
                 raise ConfigError(key, f"{value} is not divisible by parallel.tp={tp}; pick a tp that divides it")
-        hidden = _ffn_hidden(m)
-        if hidden % tp:
-            raise ConfigError("model.multiple_of", f"FFN hidden size {hidden} is not divisible by parallel.tp={tp}")
+        moe = m.moe.num_experts > 0
+        if not moe or m.moe.n_dense_layers > 0:  # dense FFNs are split over tp
+            hidden, key = (m.ffn_hidden, "model.ffn_hidden") if m.ffn_hidden else (_ffn_hidden(m), "model.multiple_of")
+            if hidden % tp:
+                raise ConfigError(key, f"FFN hidden size {hidden} is not divisible by parallel.tp={tp}")
+        if moe and (m.moe.expert_hidden * m.moe.n_shared_experts) % tp:  # routed experts are not (see parallel.ep)
+            raise ConfigError("model.moe.expert_hidden", f"shared experts' hidden size {m.moe.expert_hidden * m.moe.n_shared_experts} is not divisible by parallel.tp={tp}")
         if m.vocab_size > 0 and m.vocab_size % tp:
             raise ConfigError("model.vocab_size", f"{m.vocab_size} is not divisible by parallel.tp={tp} (vocab-parallel embedding and loss)")
         if p.sequence_parallel and t.seq_len % (tp * cp):

@@ -158,6 +158,12 @@ def validate_pipeline(cfg, pp: int, dp: int) -> None:
     split_stages(m.n_layers, pp, v, p.pp_layers_per_stage)
     if m.tie_embeddings:
         raise ConfigError("model.tie_embeddings", "a tied embedding/output cannot be split over pipeline stages; set it to false with pp > 1")
+    if m.moe.num_experts > 0 and m.moe.aux_loss_coef > 0:  # the schedules differentiate the last stage's loss only
+        raise ConfigError(
+            "model.moe.aux_loss_coef",
+            "the MoE auxiliary loss is not carried through pipeline schedules; set it to 0 with pp > 1 "
+            "and balance the experts with model.moe.bias_update_rate (auxiliary-loss-free)",
+        )
     micro = t.micro_batch_size if t.micro_batch_size > 0 else t.global_batch_size // dp
     resolve_microbatches(p, micro, pp)
 

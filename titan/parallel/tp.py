@@ -18,12 +18,14 @@ from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
+    PrepareModuleInputOutput,
     RowwiseParallel,
     SequenceParallel,
     parallelize_module,
 )
 
 from titan.config.errors import ConfigError
+from titan.models.moe import MoE
 
 
 def _is_float8_tensorwise(module: nn.Module) -> bool:
@@ -57,19 +59,49 @@ def _styles(*linears: nn.Module, float8_collectives: bool = True):
 
 def _check_divisible(model: nn.Module, tp: int) -> None:
     a = model.args
-    for key, value in (
-        ("model.n_heads", a.n_heads),
-        ("model.n_kv_heads", a.kv_heads),
-        ("model.multiple_of", a.ffn_hidden),
-        ("model.vocab_size", a.vocab_size),
-    ):
+    checks = [("model.n_heads", a.n_heads), ("model.n_kv_heads", a.kv_heads), ("model.vocab_size", a.vocab_size)]
+    ffns = [block.feed_forward for block in model.layers.values()]
+    if any(not isinstance(f, MoE) for f in ffns):
+        checks.append(("model.ffn_hidden" if getattr(a, "intermediate_size", None) else "model.multiple_of", a.ffn_hidden))
+    if any(isinstance(f, MoE) and f.shared is not None for f in ffns):
+        moe = a.moe
+        checks.append(("model.moe.expert_hidden", moe.expert_hidden * moe.n_shared_experts))
+    for key, value in checks:
         if value % tp:
             raise ConfigError(key, f"{value} is not divisible by parallel.tp={tp}")
 
 
+def _moe_plan(moe: MoE, stream) -> dict:
+    """A MoE feed-forward under TP: the router and the routed experts run on the whole
+    (gathered) sequence on every tp rank, the experts sharded by expert parallelism (over the
+    ranks of the same tp index), not by TP; only the shared experts are split column/row-wise.
+    Every tp rank thus routes the same tokens alike (the single-process numbers), the router's
+    gradient is whole on each, and the output is the replicated sum cut back to `stream`."""
+    plan = {
+        "feed_forward": PrepareModuleInputOutput(
+            input_layouts=(stream,),
+            desired_input_layouts=(Replicate(),),
+            use_local_input=True,
+            output_layouts=(Replicate(),),
+            desired_output_layouts=(stream,),
+            use_local_output=True,
+        )
+    }
+    if moe.shared is not None:  # a plain input: its gradient is summed over tp on the way back
+        plan.update(
+            {
+                "feed_forward.shared.w1": ColwiseParallel(),
+                "feed_forward.shared.w3": ColwiseParallel(),
+                "feed_forward.shared.w2": RowwiseParallel(output_layouts=Replicate()),
+            }
+        )
+    return plan
+
+
 def _block_plan(block: nn.Module, sp: bool, float8_collectives: bool) -> dict:
     attn, ffn = block.attention, block.feed_forward
-    linears = (attn.wq, attn.wk, attn.wv, attn.wo, ffn.w1, ffn.w2, ffn.w3)
+    moe = isinstance(ffn, MoE)
+    linears = (attn.wq, attn.wk, attn.wv, attn.wo) + (() if moe else (ffn.w1, ffn.w2, ffn.w3))
     col, row, prepare = _styles(*linears, float8_collectives=float8_collectives)
     stream = Shard(1) if sp else Replicate()  # layout of the residual stream between blocks
     plan = {
@@ -77,20 +109,20 @@ def _block_plan(block: nn.Module, sp: bool, float8_collectives: bool) -> dict:
         "attention.wk": col(),
         "attention.wv": col(),
         "attention.wo": row(output_layouts=stream),
-        "feed_forward.w1": col(),
-        "feed_forward.w3": col(),
-        "feed_forward.w2": row(output_layouts=stream),
     }
+    for norm in ("q_norm", "k_norm"):  # QK-norm (Qwen3) over this rank's heads: (batch, seq, heads, head_dim)
+        if hasattr(attn, norm):
+            plan[f"attention.{norm}"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+    if moe:
+        plan.update(_moe_plan(ffn, stream))
+    else:
+        plan.update({"feed_forward.w1": col(), "feed_forward.w3": col(), "feed_forward.w2": row(output_layouts=stream)})
     if sp:
-        plan.update(
-            {
-                "attention_norm": SequenceParallel(),
-                "ffn_norm": SequenceParallel(),
-                # Gather the sequence once per region; the RoPE table (2nd input) is left alone.
-                "attention": prepare(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)),
-                "feed_forward": prepare(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-            }
-        )
+        plan.update({"attention_norm": SequenceParallel(), "ffn_norm": SequenceParallel()})
+        # Gather the sequence once per region; the RoPE table (2nd input) is left alone.
+        plan["attention"] = prepare(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None))
+        if not moe:
+            plan["feed_forward"] = prepare(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
     return plan
 
 

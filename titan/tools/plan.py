@@ -82,7 +82,8 @@ def format_plan(p) -> str:
         f"{p.model}: {p.n_params:,} parameters ({p.n_params / 1e9:.2f}B)"
         + (f", {p.active_params:,} active per token ({p.active_params / 1e9:.2f}B)" if p.active_params and p.active_params != p.n_params else ""),
         f"layout: world {p.world_size} = pp {lay['pp']} x dp_replicate {lay['dp_replicate']} x dp_shard {lay['dp_shard']}"
-        f" x cp {lay['cp']} x tp {lay['tp']} ({'FSDP' if lay['fsdp'] else 'no FSDP'})",
+        f" x cp {lay['cp']} x tp {lay['tp']} ({'FSDP' if lay['fsdp'] else 'no FSDP'})"
+        + (f"; ep {lay['ep']} of dp_shard (routed experts / ep, FSDP over dp_shard / ep)" if lay.get("ep", 1) > 1 else ""),
         f"batch: seq_len {p.seq_len}, micro-batch {p.micro_batch_size}, global {p.global_batch_size}, "
         f"accumulation {p.accum_steps}, pp micro-batches {p.pp_microbatches}; "
         f"{p.tokens_per_microbatch:,.0f} tokens per rank per forward",

@@ -25,7 +25,7 @@ from titan.models import LlamaArgs, active_params, build_model, count_params, fl
 from titan.models import moe
 from titan.models.document_mask import document_ids
 from titan.optim import build_lr_scheduler, build_optimizer
-from titan.parallel import all_reduce_sum, build_parallel
+from titan.parallel import add_replicated, all_reduce_sum, build_parallel
 from titan.parallel.context_parallel import cp_inputs
 from titan.precision import Precision, build_precision
 from titan.train.env import RankEnv
@@ -100,7 +100,7 @@ class Components:
         """The loss to differentiate: the model's auxiliary losses (MoE load balancing) of the
         forward just run are added, as a mean over the micro-batches of a step."""
         aux = moe.aux_loss(self.model)
-        return loss if aux is None else loss + aux / self.accum_steps
+        return loss if aux is None else add_replicated(loss, aux / self.accum_steps)
 
     def model_metrics(self) -> dict[str, float]:
         """Model-specific metrics of the last step (MoE: per-expert load)."""

@@ -59,8 +59,9 @@ def validate_moe(cfg) -> None:
         raise ConfigError("model.moe", "aux_loss_coef and bias_update_rate must be >= 0")
 
 
-# Tensor and pipeline parallelism have no plan for QK-norm / MoE blocks yet: refused before launch.
-_DIMS = frozenset({"dp_replicate", "dp_shard", "cp", "ep"})
+# Every dim: TP splits the attention (QK-norm per local head) and dense / shared FFNs, EP the
+# routed experts (titan/parallel/tp.py, expert.py); pipeline stages are pruned models.
+_DIMS = frozenset({"dp_replicate", "dp_shard", "cp", "tp", "pp", "ep"})
 
 QWEN3 = register(
     Family(

@@ -42,20 +42,18 @@ class Qwen3Args(LlamaArgs):
 
 
 class QKNormAttention(Attention):
-    """Llama attention whose q and k heads are RMS-normalised right after their projection.
-
-    The norms run as forward hooks on `wq` / `wk`, so Llama's forward is reused as is; each
-    hook sees this rank's heads only (head_dim stays whole under tensor parallelism)."""
+    """Llama attention whose q and k heads are RMS-normalised right after their projection
+    (`qkv` is the one step Llama's forward lets a family change). Under tensor parallelism the
+    norms see this rank's heads, each whole (head_dim is never split)."""
 
     def __init__(self, args: Qwen3Args):
         super().__init__(args)
         self.q_norm = RMSNorm(self.head_dim, args.norm_eps)
         self.k_norm = RMSNorm(self.head_dim, args.norm_eps)
-        self.wq.register_forward_hook(lambda mod, inp, out: self._per_head(self.q_norm, out))
-        self.wk.register_forward_hook(lambda mod, inp, out: self._per_head(self.k_norm, out))
 
-    def _per_head(self, norm: RMSNorm, out: torch.Tensor) -> torch.Tensor:
-        return norm(out.unflatten(-1, (-1, self.head_dim))).flatten(-2)
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = super().qkv(x)
+        return self.q_norm(q), self.k_norm(k), v
 
     def init_weights(self, std: float, out_std: float, generator: Optional[torch.Generator] = None) -> None:
         super().init_weights(std, out_std, generator)
