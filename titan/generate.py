@@ -54,7 +54,8 @@ class KVCache:
         return self.keys[layer][:, :end], self.values[layer][:, :end]
 
 
-def _cached_attention(attn: Attention, x: torch.Tensor, rope: torch.Tensor, cache: KVCache, layer: int, start: int) -> torch.Tensor:
+def _cached_attention(attn: Attention, x: torch.Tensor, rope: torch.Tensor, cache: KVCache, layer: int, start: int,
+                      mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     bsz, seq, _ = x.shape
     q, k, v = attn.qkv(x)  # a family's own projections (e.g. Qwen3's QK-norm) included
     q, k = apply_rope(q, rope), apply_rope(k, rope)
@@ -63,16 +64,16 @@ def _cached_attention(attn: Attention, x: torch.Tensor, rope: torch.Tensor, cach
     if repeats > 1:  # grouped-query attention
         keys = keys.repeat_interleave(repeats, dim=2)
         values = values.repeat_interleave(repeats, dim=2)
-    mask = None
-    if seq > 1:  # new query i (absolute position start + i) sees keys 0 .. start + i
+    if mask is None and seq > 1:  # new query i (absolute position start + i) sees keys 0 .. start + i
         q_pos = torch.arange(start, start + seq, device=x.device)
         mask = torch.arange(start + seq, device=x.device)[None, :] <= q_pos[:, None]
     out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask)
     return attn.wo(out.transpose(1, 2).reshape(bsz, seq, -1))
 
 
-def _cached_block(block: TransformerBlock, x: torch.Tensor, rope: torch.Tensor, cache: KVCache, layer: int, start: int) -> torch.Tensor:
-    h = x + _cached_attention(block.attention, block.attention_norm(x), rope, cache, layer, start)
+def _cached_block(block: TransformerBlock, x: torch.Tensor, rope: torch.Tensor, cache: KVCache, layer: int, start: int,
+                  mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    h = x + _cached_attention(block.attention, block.attention_norm(x), rope, cache, layer, start, mask)
     return h + block.feed_forward(block.ffn_norm(h))
 
 
@@ -89,17 +90,30 @@ class CachedDecoder:
         return KVCache(len(self.model.layers), batch, self.max_len)
 
     @torch.no_grad()
-    def forward(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Logits (batch, seq, vocab) for `tokens` placed at positions cache.length.., which are cached."""
-        start = cache.length
-        if start + tokens.shape[1] > min(self.max_len, cache.max_len):
-            raise ValueError(f"KV cache holds {cache.max_len} positions; asked to fill up to {start + tokens.shape[1]}")
+    def forward(self, tokens: torch.Tensor, cache: KVCache, pad: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits (batch, seq, vocab) for `tokens` placed at slots cache.length.., which are cached.
+
+        `pad` (batch,): row i is left-padded with pad[i] slots. Its tokens then sit at RoPE
+        positions slot - pad[i] and never attend to the padding, so each row computes what it
+        would alone (a padding slot attends to itself only: finite, and never looked at)."""
+        start, seq = cache.length, tokens.shape[1]
+        if start + seq > min(self.max_len, cache.max_len):
+            raise ValueError(f"KV cache holds {cache.max_len} positions; asked to fill up to {start + seq}")
         m = self.model
         h = m.tok_embeddings(tokens)
-        rope = self.rope[start:start + tokens.shape[1]]
+        mask = None
+        if pad is None:
+            rope = self.rope[start:start + seq]
+        else:
+            slots = torch.arange(start, start + seq, device=tokens.device)
+            rope = self.rope[(slots[None] - pad[:, None]).clamp(min=0)]  # (batch, seq, pairs, 2)
+            keys = torch.arange(start + seq, device=tokens.device)
+            causal = keys[None, :] <= slots[:, None]
+            visible = (keys[None, None, :] >= pad[:, None, None]) | (keys[None, None, :] == slots[None, :, None])
+            mask = (causal[None] & visible)[:, None]  # (batch, 1, seq, keys): broadcast over heads
         for i, block in enumerate(m.layers.values()):
-            h = _cached_block(block, h, rope, cache, i, start)
-        cache.length = start + tokens.shape[1]
+            h = _cached_block(block, h, rope, cache, i, start, mask)
+        cache.length = start + seq
         return m.output(m.norm(h))
 
     __call__ = forward
@@ -124,13 +138,51 @@ def generate(model: Llama3, prompt: torch.Tensor | Sequence[int], max_new_tokens
     if temperature > 0:
         generator = torch.Generator(device=device)
         generator.manual_seed(seed if seed is not None else torch.initial_seed())
+    sample = lambda logits: sample_next(logits, temperature, top_k, top_p, generator)
+    return _decode(model, tokens, None, max_new_tokens, sample, eos_id, on_token)
+
+
+@torch.no_grad()
+def generate_batch(model: Llama3, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
+                   top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = None,
+                   eos_id: Optional[int] = None) -> list[list[int]]:
+    """Prompts of any lengths, decoded together (left-padded); returns each prompt's new ids,
+    cut after `eos_id` (excluded). Each row samples from its own generator seeded with `seed`,
+    so every prompt gets the tokens `generate(model, prompt, ..., seed=seed)` gives it alone,
+    whatever else is in the batch."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (e.g. BOS)")
+    device = model.tok_embeddings.weight.device
+    width = max(len(p) for p in prompts)
+    pad = torch.tensor([width - len(p) for p in prompts], device=device)
+    tokens = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
+    generators = []
+    if temperature > 0:
+        for _ in prompts:
+            generators.append(torch.Generator(device=device))
+            generators[-1].manual_seed(seed if seed is not None else torch.initial_seed())
+
+    def sample(logits: torch.Tensor) -> torch.Tensor:
+        if not generators:
+            return sample_next(logits, temperature, top_k, top_p)
+        return torch.cat([sample_next(logits[i:i + 1], temperature, top_k, top_p, g) for i, g in enumerate(generators)])
+
+    out = _decode(model, tokens, pad, max_new_tokens, sample, eos_id, None)[:, width:].tolist()
+    return [row[:row.index(eos_id)] if eos_id in row else row for row in out]
+
+
+def _decode(model: Llama3, tokens: torch.Tensor, pad: Optional[torch.Tensor], max_new_tokens: int,
+            sample: Callable[[torch.Tensor], torch.Tensor], eos_id: Optional[int],
+            on_token: Optional[Callable[[torch.Tensor], None]]) -> torch.Tensor:
+    """Prefill `tokens` (batch, seq) in one pass, then one token per step: (batch, seq + new)."""
+    device = tokens.device
     decoder = CachedDecoder(model, tokens.shape[1] + max_new_tokens)
     cache = decoder.new_cache(tokens.shape[0])
-    logits = decoder(tokens, cache)[:, -1]  # prefill: the whole prompt in one pass
+    logits = decoder(tokens, cache, pad)[:, -1]
     finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=device)
     out = [tokens]
     for step in range(max_new_tokens):
-        next_ids = sample_next(logits, temperature, top_k, top_p, generator)
+        next_ids = sample(logits)
         if eos_id is not None:
             next_ids = next_ids.masked_fill(finished, eos_id)
             finished |= next_ids == eos_id
@@ -139,7 +191,7 @@ def generate(model: Llama3, prompt: torch.Tensor | Sequence[int], max_new_tokens
             on_token(next_ids)
         if step + 1 == max_new_tokens or (eos_id is not None and bool(finished.all())):
             break
-        logits = decoder(next_ids[:, None], cache)[:, -1]
+        logits = decoder(next_ids[:, None], cache, pad)[:, -1]
     return torch.cat(out, dim=1)
 
 

@@ -149,12 +149,11 @@ def validate_finetune(cfg: TrainConfig, world_size: int) -> None:
     from titan.parallel.mesh import resolve_degrees
 
     degrees = resolve_degrees(cfg.parallel, world_size)
-    for key in ("tp", "pp", "cp"):
-        _require(
-            degrees[key] == 1,
-            f"parallel.{key}",
-            f"finetune=lora runs with data parallelism (ddp, fsdp, hsdp) only so far; set parallel.{key}=1 or finetune=full",
-        )
+    _require(
+        degrees["cp"] == 1,
+        "parallel.cp",
+        "finetune=lora runs with data, tensor and pipeline parallelism (ddp, fsdp, hsdp, tp, pp); set parallel.cp=1 or finetune=full",
+    )
 
 
 def validate_eval(cfg: TrainConfig) -> None:

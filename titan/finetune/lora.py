@@ -19,6 +19,7 @@ adapted model starts as the base model.
 from __future__ import annotations
 
 import math
+import types
 from typing import Optional
 
 import torch
@@ -83,25 +84,27 @@ def apply_lora(model: nn.Module, cfg: FinetuneConfig) -> nn.Module:
     missing = targets - found
     if missing:
         raise ConfigError("finetune.target_modules", f"no linear layer named {sorted(missing)}; use names like wq, wk, wv, wo, w1, w2, w3, output")
-    base_groups = model.init_groups
-
-    def init_groups():
-        groups = []
-        for name, module, fill in base_groups():
-            adapters = [m for m in module.modules() if isinstance(m, LoRAAdapter)]
-            if adapters:
-                def fill_with_adapters(g, fill=fill, adapters=adapters):
-                    fill(g)
-                    for adapter in adapters:
-                        adapter.init_weights(g)
-
-                groups.append((name, module, fill_with_adapters))
-            else:
-                groups.append((name, module, fill))
-        return groups
-
-    model.init_groups = init_groups
+    # Bound to the model (not a closure over it), so a deep copy (pipeline stages cut from
+    # one meta model) initialises its own adapters.
+    model.init_groups = types.MethodType(_init_groups_with_adapters, model)
     return model
+
+
+def _init_groups_with_adapters(model: nn.Module) -> list:
+    """The model's init groups, each also initialising the adapters inside its module."""
+    groups = []
+    for name, module, fill in type(model).init_groups(model):
+        adapters = [m for m in module.modules() if isinstance(m, LoRAAdapter)]
+        if adapters:
+            def fill_with_adapters(g, fill=fill, adapters=adapters):
+                fill(g)
+                for adapter in adapters:
+                    adapter.init_weights(g)
+
+            groups.append((name, module, fill_with_adapters))
+        else:
+            groups.append((name, module, fill))
+    return groups
 
 
 def trainable_state_keys(model: nn.Module) -> Optional[set]:

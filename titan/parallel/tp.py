@@ -6,6 +6,13 @@ and residual stream between the matmul regions are sharded on the sequence dim (
 so the all-reduce after wo/w2 becomes a reduce-scatter and the gather happens before
 attention / feed-forward. The embedding is vocab-parallel (row-wise); the output projection
 is column-wise and keeps vocab-sharded logits (Shard(-1)) for `loss_parallel`.
+
+LoRA adapters (`titan.finetune.lora`, a `lora` child of a target linear) follow their linear's
+plan: under a column-wise linear `a` is replicated and `b` sharded on its output rows, so the
+adapter's output is sharded like the linear's; under a row-wise one `a` is sharded on its input
+columns (the input arrives sharded) and `b` replicated, so the adapter's output is a partial
+sum reduced together with the linear's. Each rank computes its slice of scale * b @ a @ x: the
+same math as one process, with no extra collective.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import contextlib
 import sys
 
 from torch import nn
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -26,6 +33,7 @@ from torch.distributed.tensor.parallel import (
 
 from titan.config.errors import ConfigError
 from titan.models.moe import MoE
+from titan.finetune.lora import ADAPTER
 
 
 def _is_float8_tensorwise(module: nn.Module) -> bool:
@@ -126,6 +134,40 @@ def _block_plan(block: nn.Module, sp: bool, float8_collectives: bool) -> dict:
     return plan
 
 
+def _adapter_placements(style) -> tuple:
+    """(placement of `a`, placement of `b`) of a LoRA adapter on a linear with this TP style."""
+    if isinstance(style, ColwiseParallel):
+        return Replicate(), Shard(0)
+    if isinstance(style, RowwiseParallel):
+        return Shard(1), Replicate()
+    raise ConfigError("finetune.target_modules", f"no tensor-parallel plan for an adapter on a {type(style).__name__} module")
+
+
+def _parallelize(module: nn.Module, tp_mesh, plan: dict) -> None:
+    """`parallelize_module`, with any LoRA adapter of a planned linear lifted off first (the
+    styles would shard or replicate every parameter below the linear) and sharded after to
+    match its linear's style. The adapter's forward hook stays on the linear, registered
+    before the style's output hook, so it adds to the linear's output while that is still a
+    DTensor. Frozen parameters stay frozen (SequenceParallel re-creates the norms' weights
+    as trainable)."""
+    frozen = {name for name, p in module.named_parameters() if not p.requires_grad}
+    lifted = {}
+    for path in plan:
+        target = module.get_submodule(path)
+        if isinstance(target, nn.Linear) and ADAPTER in target._modules:
+            lifted[path] = target._modules.pop(ADAPTER)
+    parallelize_module(module, tp_mesh, plan)
+    for path, adapter in lifted.items():
+        for name, placement in zip(("a", "b"), _adapter_placements(plan[path])):
+            param = getattr(adapter, name)
+            sharded = distribute_tensor(param.data, tp_mesh, [placement], src_data_rank=None)
+            adapter.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))
+        module.get_submodule(path).add_module(ADAPTER, adapter)
+    for name, param in module.named_parameters():
+        if name in frozen:
+            param.requires_grad_(False)
+
+
 def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool = True, loss_parallel: bool = True, async_tp: bool = False) -> nn.Module:
     """Shard `model` (a Llama3, possibly a pipeline stage of one) over `tp_mesh`, in place.
 
@@ -147,13 +189,13 @@ def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool = True, loss_par
             output_layouts=Shard(-1) if loss_parallel else Replicate(),
             use_local_output=not loss_parallel,
         )
-    parallelize_module(model, tp_mesh, root_plan)
+    _parallelize(model, tp_mesh, root_plan)
     if model.args.tie_embeddings and model.output is not None and model.tok_embeddings is not None:
         # Both weights are (vocab, dim) sharded on vocab; parallelize_module replaced them
         # with separate parameters, so tie them again.
         model.output.weight = model.tok_embeddings.weight
     for block in model.layers.values():
-        parallelize_module(block, tp_mesh, _block_plan(block, sp, float8_collectives))
+        _parallelize(block, tp_mesh, _block_plan(block, sp, float8_collectives))
     if sp and model.tok_embeddings is not None:
         # Compiled blocks fail in backward when their first input is the embedding's own
         # output under SP (measured, torch 2.13); a clone in between avoids it.

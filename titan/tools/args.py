@@ -36,16 +36,21 @@ def convert(field: dataclasses.Field, raw: str) -> Any:
     return raw
 
 
-def parse_key_values(argv: Sequence[str], args_class: type, internal: tuple[str, ...] = ()) -> Any:
+def parse_key_values(argv: Sequence[str], args_class: type, internal: tuple[str, ...] = (),
+                     aliases: Optional[dict[str, str]] = None) -> Any:
     """An `args_class` from `key=value` items (`--key=value` and dashes in keys accepted);
-    `internal` fields are filled by the tool, never from the command line."""
+    `internal` fields are filled by the tool, never from the command line. `aliases` maps a
+    command-line name (e.g. the training CLI's `parallel.tp`) to the field it alone sets."""
+    aliases = aliases or {}
     fields = {f.name: f for f in dataclasses.fields(args_class) if f.name not in internal}
+    names = [f for f in fields if f not in aliases.values()] + list(aliases)
     values = {}
     for item in argv:
         key, sep, raw = item.partition("=")
         key = key.lstrip("-").replace("-", "_")
+        key = aliases.get(key, "" if key in aliases.values() else key)
         if not sep or key not in fields:
-            raise UsageError(f"bad argument {item!r}: expected key=value with key in {', '.join(fields)}")
+            raise UsageError(f"bad argument {item!r}: expected key=value with key in {', '.join(names)}")
         values[key] = convert(fields[key], raw)
     return args_class(**values)
 
