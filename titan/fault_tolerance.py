@@ -75,6 +75,9 @@ def validate_semi_sync(cfg: TrainConfig) -> None:
         return
     if ft.sync_every < 1:
         raise ConfigError("fault_tolerance.sync_every", f"{ft.sync_every}: must be >= 1 (inner steps between syncs)")
+    if cfg.training.steps % ft.sync_every:
+        raise ConfigError("fault_tolerance.sync_every", f"{ft.sync_every} does not divide training.steps="
+                          f"{cfg.training.steps}: the groups' final models would differ; make the steps a multiple")
     if ft.semi_sync is SemiSync.diloco:
         if ft.outer_lr <= 0:
             raise ConfigError("fault_tolerance.outer_lr", f"{ft.outer_lr}: must be > 0 (the DiLoCo paper uses 0.7)")
