@@ -28,7 +28,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from titan.config.errors import ConfigError
-from titan.config.schema import TrainConfig
+from titan.config.schema import NanCheck, SemiSync, TrainConfig
 
 log = logging.getLogger("titan")
 
@@ -49,6 +49,8 @@ def replica_groups(cfg: TrainConfig) -> int:
 def validate_fault_tolerance(cfg: TrainConfig) -> None:
     ft = cfg.fault_tolerance
     if not ft.enabled:
+        if ft.semi_sync is not SemiSync.none:
+            raise ConfigError("fault_tolerance.semi_sync", "syncs replica groups: use it with fault_tolerance=torchft")
         return
     if ft.replica_groups < 1:
         raise ConfigError("fault_tolerance.replica_groups", "must be >= 1")
@@ -56,6 +58,7 @@ def validate_fault_tolerance(cfg: TrainConfig) -> None:
         raise ConfigError("fault_tolerance.group_id", f"{ft.group_id} is not in [0, replica_groups={ft.replica_groups})")
     if not 1 <= ft.min_replicas <= ft.replica_groups:
         raise ConfigError("fault_tolerance.min_replicas", f"must be in [1, replica_groups={ft.replica_groups}]")
+    validate_semi_sync(cfg)
     if cfg.task.name.value != "pretrain":
         raise ConfigError("fault_tolerance", "torchft replica groups train task=pretrain only so far (the SFT loss "
                           "divisor is not agreed across groups); use fault_tolerance=none")
@@ -64,6 +67,32 @@ def validate_fault_tolerance(cfg: TrainConfig) -> None:
         import torchft  # noqa: F401
     except ImportError:
         raise ConfigError("fault_tolerance", "needs torchft: pip install torchft-nightly (or torchft)") from None
+
+
+def validate_semi_sync(cfg: TrainConfig) -> None:
+    ft = cfg.fault_tolerance
+    if ft.semi_sync is SemiSync.none:
+        return
+    if ft.sync_every < 1:
+        raise ConfigError("fault_tolerance.sync_every", f"{ft.sync_every}: must be >= 1 (inner steps between syncs)")
+    if cfg.training.steps % ft.sync_every:
+        raise ConfigError("fault_tolerance.sync_every", f"{ft.sync_every} does not divide training.steps="
+                          f"{cfg.training.steps}: the groups' final models would differ; make the steps a multiple")
+    if ft.semi_sync is SemiSync.diloco:
+        if ft.outer_lr <= 0:
+            raise ConfigError("fault_tolerance.outer_lr", f"{ft.outer_lr}: must be > 0 (the DiLoCo paper uses 0.7)")
+        if not 0 <= ft.outer_momentum < 1:
+            raise ConfigError("fault_tolerance.outer_momentum", f"{ft.outer_momentum}: must be in [0, 1) (the paper uses 0.9)")
+        if ft.outer_nesterov and ft.outer_momentum == 0:
+            raise ConfigError("fault_tolerance.outer_nesterov", "Nesterov needs outer_momentum > 0; set outer_nesterov=false")
+    # A group that drops an update does not count that step, so it would sync a step later
+    # than the others: every group must step the same inner optimizer steps.
+    if cfg.training.spike_guard.enabled:
+        raise ConfigError("training.spike_guard.enabled", f"skipped updates would shift this group's syncs under "
+                          f"fault_tolerance.semi_sync={ft.semi_sync.value}; set it to false or semi_sync=none")
+    if cfg.profiling.nan_check is NanCheck.skip:
+        raise ConfigError("profiling.nan_check", f"skip would shift this group's syncs under fault_tolerance.semi_sync="
+                          f"{ft.semi_sync.value}; use stop (the default) or semi_sync=none")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,21 +156,49 @@ class FaultTolerance:
         )
         self.participants = 0
         self.skipped_commits = 0
+        self.semi_sync = None  # fault_tolerance.semi_sync: torchft's LocalSGD / DiLoCo syncs every sync_every steps
+        if ft.semi_sync is not SemiSync.none:
+            from titan.semi_sync import SemiSynchronous
 
-    # The training state, for healing another group / being healed.
+            self.semi_sync = SemiSynchronous(ft, self.manager, train_state.model, train_state.optimizer)
+            train_state.extras["semi_sync"] = self.semi_sync
+
+    # The training state, for healing another group / being healed. DiLoCo's own state travels
+    # through the hook torchft's DiLoCo registers with the Manager.
+    def _healing_state(self) -> dict[str, Any]:
+        state = self.train_state.state_dict()
+        state.pop("semi_sync", None)
+        return state
+
     def _state(self) -> dict[str, Any]:
-        return _to_local(self.train_state.state_dict())
+        return _to_local(self._healing_state())
 
     def _load(self, received: dict[str, Any]) -> None:
-        self.train_state.load_state_dict(_like(received, self.train_state.state_dict()))
+        self.train_state.load_state_dict(_like(received, self._healing_state()))
         log.warning("replica group %d healed from a live group: continuing after step %d", self.group_id, self.train_state.step)
 
-    def resumed(self, step: int) -> None:
-        """After resuming from a checkpoint: tell the Manager, so a group behind the others heals."""
-        self.manager.load_state_dict({"step": step, "batches_committed": 0})
+    def resumed(self, step: int, path: Path) -> None:
+        """After resuming from a checkpoint: tell the Manager, so a group behind the others heals.
+        Semi-synchronous: the Manager counts syncs, restored with the rest of the sync state."""
+        if self.semi_sync is None:
+            self.manager.load_state_dict({"step": step, "batches_committed": 0})
+            return
+        from titan.checkpoint import load_state
+        from titan.interop.dcp_io import read_dcp_metadata
+
+        if any(k.startswith("semi_sync.") for k in read_dcp_metadata(path).state_dict_metadata):
+            state = {"semi_sync": self.semi_sync.state_dict()}
+            load_state(state, path)
+            self.semi_sync.load_state_dict(state["semi_sync"])
+        else:  # saved without semi_sync: its weights become the synced ones, a new interval starts
+            log.warning("%s holds no semi_sync state: the sync interval restarts at step %d", path, step)
+            self.semi_sync.start_interval(step)
 
     def start_step(self) -> None:
-        """Agree the quorum for the next step (heals this group first if it is behind)."""
+        """Agree the quorum for the next step (heals this group first if it is behind).
+        Semi-synchronous: torchft agrees it at each sync instead."""
+        if self.semi_sync is not None:
+            return
         self.manager.start_quorum()
         n = self.manager.num_participants()
         if n != self.participants and self.participants:
@@ -149,7 +206,10 @@ class FaultTolerance:
         self.participants = n
 
     def average(self, tensors: list[torch.Tensor]) -> None:
-        """Mean over the live groups, in place (a healing group contributes zeros)."""
+        """Mean over the live groups, in place (a healing group contributes zeros). Semi-
+        synchronous: no per-step exchange (gradients, loss and val loss stay the group's)."""
+        if self.semi_sync is not None:
+            return
         works = [self.manager.allreduce(t.to_local() if isinstance(t, DTensor) else t) for t in tensors]
         for work in works:
             work.wait()
@@ -163,14 +223,24 @@ class FaultTolerance:
         return float(t)
 
     def should_commit(self) -> bool:
+        if self.semi_sync is not None:  # torchft's LocalSGD / DiLoCo decide each sync's commit
+            return True
         ok = self.manager.should_commit()
         self.skipped_commits += not ok
         return ok
 
     def metrics(self) -> dict[str, int]:
+        if self.semi_sync is not None:  # the last sync's quorum (0 before the first sync)
+            n = self.manager.num_participants()
+            if n != self.participants and self.participants:
+                log.warning("replica groups in the last sync: %d -> %d (step %d)", self.participants, n, self.train_state.step)
+            self.participants = n
+            return {"ft_participants": n, "ft_syncs": self.semi_sync.syncs()}
         return {"ft_participants": self.participants, "ft_uncommitted_steps": self.skipped_commits}
 
     def close(self) -> None:
+        if self.semi_sync is not None:
+            self.semi_sync.close()
         self.manager.shutdown(wait=False)
 
 

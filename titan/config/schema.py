@@ -372,6 +372,12 @@ class ProfilingConfig:
 # ---------------------------------------------------------------------------------------------
 # fault tolerance
 # ---------------------------------------------------------------------------------------------
+class SemiSync(str, Enum):
+    none = "none"  # every step: gradients averaged across replica groups
+    local_sgd = "local_sgd"  # every sync_every steps: weights averaged (torchft LocalSGD)
+    diloco = "diloco"  # every sync_every steps: an outer optimizer step on the averaged weight delta (torchft DiLoCo)
+
+
 @dataclass
 class FaultToleranceConfig:
     """torchft: replica groups (each a whole copy of the layout) average gradients through a
@@ -384,6 +390,13 @@ class FaultToleranceConfig:
     min_replicas: int = 1  # groups that must be alive to commit a step
     max_restarts: int = 3  # self-launch: times a failed group is restarted
     timeout_s: int = 60  # quorum and cross-group collective timeout
+    # Semi-synchronous training across groups (docs/scale-out.md): synchronous inside a group,
+    # across groups only every sync_every steps.
+    semi_sync: SemiSync = SemiSync.none
+    sync_every: int = 100  # inner steps between cross-group syncs (H)
+    outer_lr: float = 0.7  # diloco: outer SGD (the DiLoCo paper's defaults)
+    outer_momentum: float = 0.9
+    outer_nesterov: bool = True
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,6 +33,8 @@ class TrainState(Stateful):
         self.scheduler = scheduler
         self.loader = loader
         self.step = 0
+        # More Stateful parts, saved under their key (fault_tolerance.semi_sync: "semi_sync").
+        self.extras: dict[str, Stateful] = {}
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -42,6 +44,7 @@ class TrainState(Stateful):
             "lr_scheduler": self.scheduler.state_dict(),
             "data": self.loader.state_dict(),
             "rng": torch.get_rng_state(),
+            **{key: part.state_dict() for key, part in self.extras.items()},
         }
 
     def _model_state(self) -> dict[str, Any]:
@@ -56,3 +59,6 @@ class TrainState(Stateful):
         self.scheduler.load_state_dict(state["lr_scheduler"])
         self.loader.load_state_dict(state["data"])
         torch.set_rng_state(state["rng"])
+        for key, part in self.extras.items():
+            if key in state:
+                part.load_state_dict(state[key])

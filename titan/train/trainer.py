@@ -41,7 +41,7 @@ class Trainer:
             log.info("resumed from %s at step %d", resume, self.c.state.step)
         self.ft = build_fault_tolerance(cfg, env, self.c.state)  # None unless fault_tolerance=torchft
         if self.ft is not None and resume is not None:
-            self.ft.resumed(self.c.state.step)
+            self.ft.resumed(self.c.state.step, resume)
         self.metrics = MetricsLogger(cfg, enabled=env.is_main)
         self.throughput = Throughput.for_device(self.c.flops_per_token, env.world_size, env.device, cfg.logging.peak_tflops)
         # Tokens per optimizer step across the whole job.
