@@ -1,5 +1,5 @@
 """Every parallel layout trains exactly like one process: same initial weights (bit for bit),
-same losses (1e-5 relative) and gradient norms (5e-5), same weights after 5 AdamW steps, same
+same losses (1e-5 relative) and gradient norms (5e-6), same weights after 5 AdamW steps, same
 validation loss. Each side is titan's real `Trainer` (tests/parallel_harness.py): composed from
 conf/ like the CLI, stepped through `Trainer.train_step` on its own loader's batches.
 
