@@ -24,3 +24,12 @@ def test_a_config_error_raised_in_a_rank_keeps_exit_status_2(tmp_path, monkeypat
     failed = _worker_failed(ChildFailedError("run_worker", {0: crash, 1: user}))
     assert failed.exit_code == 2
     assert failed.line == f"config error: model.vocab_size: too small for the tokenizer (rank 1; traceback in {error_file})"
+
+
+def test_a_rank_killed_by_a_signal_points_to_the_log_dir(tmp_path):
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    killed = ProcessFailure(local_rank=0, pid=1, exitcode=-9, error_file=str(tmp_path / "none.json"))
+    failed = _worker_failed(ChildFailedError("run_worker", {0: killed}), tmp_path / "logs")
+    assert failed.exit_code == 1
+    assert failed.line == f"error: rank 0 failed (exit code -9): Signal 9 (SIGKILL) received by PID 1; its output is in {tmp_path / 'logs'}"

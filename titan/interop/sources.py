@@ -46,12 +46,16 @@ class LoadedWeights:
         return read_run_config(self.run_dir) if self.run_dir else None
 
 
-def read_run_config(run_dir: Path) -> dict[str, Any]:
+def read_run_config(run_dir: Path, sections: Optional[tuple[str, ...]] = None) -> dict[str, Any]:
+    """The run's resolved config, or only `sections` of it (others may hold interpolations,
+    e.g. a sweep launcher's `${now:...}`, that resolve only inside Hydra)."""
     from omegaconf import OmegaConf
 
     path = run_dir / HYDRA_CONFIG
     try:
         cfg = OmegaConf.load(path)
+        if sections is not None:
+            cfg = OmegaConf.create({k: cfg[k] for k in sections if k in cfg})
         return OmegaConf.to_container(cfg, resolve=True)
     except Exception as e:
         raise ConversionError(f"{path}: cannot read the run's config ({type(e).__name__}: {e})") from e
@@ -116,7 +120,7 @@ def saved_args(ckpt: Path, vocab: int, run_dir: Optional[Path] = None):
     run_dir = run_dir or _find_run_dir(ckpt)
     if run_dir is None:
         return None
-    config = read_run_config(run_dir)
+    config = read_run_config(run_dir, sections=("model", "training"))
     seq_len = (config.get("training") or {}).get("seq_len", LlamaArgs.max_seq_len)
     return model_args(_model_config(config.get("model") or {}, str(run_dir / HYDRA_CONFIG)), vocab, seq_len)
 

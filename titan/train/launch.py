@@ -46,7 +46,7 @@ def _failure_text(failure) -> tuple[str, str]:
     return str(detail), ""
 
 
-def _worker_failed(err) -> WorkerFailed:
+def _worker_failed(err, log_dir: Path = Path("RUN_DIR/logs")) -> WorkerFailed:
     """One line for a user error on any rank (the others' failures follow from it); for a crash
     the first failure with its traceback. Either way the per-rank error file keeps the traceback."""
     from titan.train.worker import RankUserError
@@ -56,11 +56,12 @@ def _worker_failed(err) -> WorkerFailed:
         message, _ = _failure_text(failure)
         if message.startswith(prefix):
             line, _, code = message[len(prefix):].rpartition(RankUserError.CODE_SEPARATOR)
-            log_hint = f" (rank {rank}; traceback in {failure.error_file})" if failure.error_file else ""
+            log_hint = f" (rank {rank}; traceback in {failure.error_file})" if os.path.isfile(failure.error_file) else ""
             return WorkerFailed(line, int(code), line + log_hint)
     rank, failure = err.get_first_failure()
     message, traceback = _failure_text(failure)
-    where = f"traceback in {failure.error_file}" if failure.error_file else "see the per-rank logs in logs/"
+    # A rank killed by a signal (OOM killer, kill -9) leaves no error file ("<N/A>").
+    where = f"traceback in {failure.error_file}" if os.path.isfile(failure.error_file) else f"its output is in {log_dir}"
     text = f"rank {rank} failed (exit code {failure.exitcode}): {message}; {where}"
     return WorkerFailed(text + (f"\n{traceback.rstrip()}" if traceback else ""))
 
@@ -120,7 +121,7 @@ def spawn_workers(cfg: TrainConfig, max_restarts: int = 0) -> Optional[float]:
     except ChildFailedError as err:
         if interrupt.requested():
             raise interrupt.Interrupted(_interrupted_message(cfg)) from None
-        raise _worker_failed(err) from None
+        raise _worker_failed(err, log_dir) from None
     return results[0]
 
 
