@@ -93,6 +93,7 @@ def _run_and_check_syncs(run_dir: Path, tmp: Path, mode: str) -> dict:
     any semi-sync mode; return every checkpoint, read by torch's DCP converter."""
     run = run_titan(run_dir, *_two_groups(mode), timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
+    assert f"{mode} across groups every {H} steps" in run.stdout + run.stderr  # the start-up summary says it
     state = {(g, s): _full_state(_ckpt(run_dir, g, s), tmp) for g in (0, 1) for s in range(1, STEPS + 1)}
     model = {k: v["model"] for k, v in state.items()}
 
