@@ -93,6 +93,7 @@ def _run_and_check_syncs(run_dir: Path, tmp: Path, mode: str) -> dict:
     any semi-sync mode; return every checkpoint, read by torch's DCP converter."""
     run = run_titan(run_dir, *_two_groups(mode), timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
+    assert f"{mode} across groups every {H} steps" in run.stdout + run.stderr  # the start-up summary says it
     state = {(g, s): _full_state(_ckpt(run_dir, g, s), tmp) for g in (0, 1) for s in range(1, STEPS + 1)}
     model = {k: v["model"] for k, v in state.items()}
 
@@ -156,13 +157,15 @@ def test_diloco_groups_agree_after_each_sync_and_resume_mid_interval(tmp_path):
 
 @pytest.mark.slow
 def test_killed_group_rejoins_diloco_at_a_sync(tmp_path):
-    """SIGKILL group 1's only rank mid-run under DiLoCo: group 0 keeps stepping and syncing
-    alone; group 1 restarts from its checkpoint, heals from group 0's live state at a sync
-    (torchft's DiLoCo sends its synced weights and outer momentum along) and from then on
-    both groups hold the same weights after every sync."""
+    """2 groups x 2 DDP ranks (parameters are DTensors), one rank of group 1 SIGKILLed mid-run
+    under DiLoCo: group 0 keeps stepping and syncing alone; group 1 restarts from its
+    checkpoint, heals from group 0's live state at a sync (torchft's DiLoCo sends its synced
+    weights and outer momentum along) and from then on both groups hold the same weights
+    after every sync."""
     from tests.test_fault_tolerance import _complete_steps, _records, _train_losses, _wait_for, _worker_pid
 
-    args = [sys.executable, "-m", "titan.train", f"hydra.run.dir={tmp_path}", *TINY, "fault_tolerance=torchft",
+    args = [sys.executable, "-m", "titan.train", f"hydra.run.dir={tmp_path}", *TINY, "parallel=ddp",
+            "parallel.nproc_per_node=2", "training.global_batch_size=8", "fault_tolerance=torchft",
             "fault_tolerance.semi_sync=diloco", f"fault_tolerance.sync_every={H}", "fault_tolerance.timeout_s=30",
             "training.steps=99999", f"checkpoint.interval={H}", "checkpoint.keep_last_k=0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}

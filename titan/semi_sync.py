@@ -56,7 +56,7 @@ class SemiSynchronous:
         if self.outer is not None:
             params = dict(self.model.named_parameters())
             # As DTensors laid out like the parameters: DCP saves each rank's shard, not rank 0's.
-            state["synced_weights"] = {name: _like_param(t, params[name]) for name, t in self._synced.items()}
+            state["synced_weights"] = {_fqn(name): _like_param(t, params[name]) for name, t in self._synced.items()}
             state["outer_optim"] = get_optimizer_state_dict(self.model, self.outer)
         return state
 
@@ -64,8 +64,10 @@ class SemiSynchronous:
         self.algorithm._local_step = int(state["local_step"])
         self.manager.load_state_dict({"step": int(state["syncs"]), "batches_committed": 0})
         if self.outer is not None:
-            for name, t in state["synced_weights"].items():
-                self._synced[name].copy_(t.to_local() if isinstance(t, DTensor) else t)
+            saved = state["synced_weights"]
+            for name, synced in self._synced.items():
+                t = saved[_fqn(name)]
+                synced.copy_(t.to_local() if isinstance(t, DTensor) else t)
             set_optimizer_state_dict(self.model, self.outer, state["outer_optim"])
 
     def start_interval(self, step: int) -> None:
@@ -79,6 +81,12 @@ class SemiSynchronous:
 
     def close(self) -> None:
         self.algorithm.__exit__(None, None, None)
+
+
+def _fqn(name: str) -> str:
+    """The parameter's name without compile / activation-checkpoint wrappers, as the model and
+    optimizer state are saved, so a checkpoint resumes with those settings changed."""
+    return name.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", "")
 
 
 def _like_param(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:

@@ -52,6 +52,17 @@ def _tokenizer(cfg: TrainConfig, tokenizer: Any) -> str:
     return text
 
 
+def _replicas(cfg: TrainConfig) -> str:
+    ft = cfg.fault_tolerance
+    text = f"group {ft.group_id} of {ft.replica_groups} (torchft), "
+    if ft.semi_sync.value == "none":
+        return text + "gradients averaged across groups every step"
+    text += f"{ft.semi_sync.value} across groups every {ft.sync_every} steps"
+    if ft.semi_sync.value == "diloco":
+        text += f" (outer SGD lr {ft.outer_lr:g}, momentum {ft.outer_momentum:g}{', Nesterov' if ft.outer_nesterov else ''})"
+    return text
+
+
 def startup_summary(cfg: TrainConfig, c: Any, world_size: int, device: Any, resume: Optional[Path]) -> str:
     """At most one screen: model, layout, device and precision, tokens per step, data and
     tokenizer, run dir, resume. `c` is the built `Components`."""
@@ -80,6 +91,8 @@ def startup_summary(cfg: TrainConfig, c: Any, world_size: int, device: Any, resu
         ("run dir", str(cfg.run_dir)),
         ("start", start),
     ]
+    if cfg.fault_tolerance.enabled:
+        rows.insert(2, ("replicas", _replicas(cfg)))
     if cfg.compile.mode.value != "off":
         rows.append(("note", "the first step compiles the model (on a CPU tens of seconds)"))
     width = max(len(k) for k, _ in rows)
