@@ -174,7 +174,10 @@ class Attention(nn.Module):
         """q, k, v of (batch, seq, dim) as (batch, seq, heads, head_dim), before RoPE. -1 for
         heads: under tensor parallelism each rank holds a slice of the heads."""
         bsz, seq, _ = x.shape
-        return tuple(lin(x).view(bsz, seq, -1, self.head_dim) for lin in (self.wq, self.wk, self.wv))
+        q = self.wq(x).view(bsz, seq, -1, self.head_dim)
+        k = self.wk(x).view(bsz, seq, -1, self.head_dim)
+        v = self.wv(x).view(bsz, seq, -1, self.head_dim)
+        return q, k, v
 
     def rotate(self, q: torch.Tensor, k: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE on q and k (a family may rotate only part of each head)."""
