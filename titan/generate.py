@@ -24,7 +24,6 @@ from titan.models.llama3 import (
     Attention,
     Llama3,
     TransformerBlock,
-    apply_rope,
     rope_table,
 )
 from titan.sampling import sample_next
@@ -46,9 +45,9 @@ class KVCache:
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; asked to fill up to {end}")
         if self.keys[layer] is None:  # sized on first use: the (local) head count comes from k
-            shape = (self.batch, self.max_len, *k.shape[2:])
-            self.keys[layer] = k.new_zeros(shape)
-            self.values[layer] = v.new_zeros(shape)
+            # (value heads may be narrower than key heads: latent attention)
+            self.keys[layer] = k.new_zeros((self.batch, self.max_len, *k.shape[2:]))
+            self.values[layer] = v.new_zeros((self.batch, self.max_len, *v.shape[2:]))
         self.keys[layer][:, start:end] = k
         self.values[layer][:, start:end] = v
         return self.keys[layer][:, :end], self.values[layer][:, :end]
@@ -58,7 +57,7 @@ def _cached_attention(attn: Attention, x: torch.Tensor, rope: torch.Tensor, cach
                       mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     bsz, seq, _ = x.shape
     q, k, v = attn.qkv(x)  # a family's own projections (e.g. Qwen3's QK-norm) included
-    q, k = apply_rope(q, rope), apply_rope(k, rope)
+    q, k = attn.rotate(q, k, rope)
     keys, values = cache.update(layer, start, k, v)
     repeats = q.shape[2] // keys.shape[2]
     if repeats > 1:  # grouped-query attention

@@ -54,6 +54,18 @@ class ModelConfig:
     ffn_hidden: Optional[int] = None  # explicit FFN hidden size; None: Llama's sizing rule
     qk_norm: bool = False  # RMSNorm of each query/key head before RoPE (Qwen3)
     moe: "MoEConfig" = field(default_factory=lambda: MoEConfig())
+    mla: "MLAConfig" = field(default_factory=lambda: MLAConfig())
+
+
+@dataclass
+class MLAConfig:
+    """Multi-head latent attention (family deepseek_v3; titan.models.qwen3.mla); kv_lora_rank=0: off."""
+
+    kv_lora_rank: int = 0  # rank of the key/value latent
+    q_lora_rank: int = 0  # 0: queries by one full projection
+    qk_nope_head_dim: int = 128  # per-head query/key dims without position
+    qk_rope_head_dim: int = 64  # rotary dims (one rotary key shared by the heads)
+    v_head_dim: int = 128
 
 
 class RouterScore(str, Enum):

@@ -54,6 +54,11 @@ class LlamaArgs:
         return self.dim // self.n_heads
 
     @property
+    def rope_dim(self) -> int:
+        """Dims of a head that RoPE rotates (all of them; MLA rotates a part)."""
+        return self.head_dim
+
+    @property
     def ffn_hidden(self) -> int:
         hidden = int(2 * (4 * self.dim) / 3)
         if self.ffn_dim_multiplier is not None:
@@ -63,7 +68,7 @@ class LlamaArgs:
 
 def rope_frequencies(args: LlamaArgs) -> torch.Tensor:
     """Inverse frequencies per rotary pair, with Llama 3.1's long-context rescaling."""
-    hd = args.head_dim
+    hd = args.rope_dim
     inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
     if args.rope_scaling_factor is None:
         return inv_freq.float()
@@ -156,7 +161,7 @@ class Attention(nn.Module):
         # inputs are sequence-sharded and only the attention input is gathered to full length.
         rope = rope[:, :seq] if rope.dim() == 4 else rope[:seq]
         q, k, v = self.qkv(x)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k = self.rotate(q, k, rope)
         repeats = self.n_heads // self.n_kv_heads
         if repeats > 1:  # grouped-query attention: share each K/V head across `repeats` queries
             k = k.repeat_interleave(repeats, dim=2)
@@ -169,7 +174,14 @@ class Attention(nn.Module):
         """q, k, v of (batch, seq, dim) as (batch, seq, heads, head_dim), before RoPE. -1 for
         heads: under tensor parallelism each rank holds a slice of the heads."""
         bsz, seq, _ = x.shape
-        return tuple(lin(x).view(bsz, seq, -1, self.head_dim) for lin in (self.wq, self.wk, self.wv))
+        q = self.wq(x).view(bsz, seq, -1, self.head_dim)
+        k = self.wk(x).view(bsz, seq, -1, self.head_dim)
+        v = self.wv(x).view(bsz, seq, -1, self.head_dim)
+        return q, k, v
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE on q and k (a family may rotate only part of each head)."""
+        return apply_rope(q, rope), apply_rope(k, rope)
 
     def init_weights(self, std: float, out_std: float, generator: Optional[torch.Generator] = None) -> None:
         for lin in (self.wq, self.wk, self.wv):

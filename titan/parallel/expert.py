@@ -143,7 +143,9 @@ def _summed(counts: torch.Tensor, group) -> torch.Tensor:
 def reduce_expert_grads(model: nn.Module, replica_group, dp_degree: int) -> None:
     """Expert gradients: sum over the ranks holding the same experts, then / dp (a mean over
     the data-parallel ranks, like FSDP's for every other parameter)."""
-    for p in expert_params(model):
+    # In module order: every rank must issue the same all-reduces in the same order (a set's
+    # order follows object ids, which differ between processes, and would sum w1 with w3).
+    for p in (p for experts in expert_modules(model) for p in experts.parameters()):
         if p.grad is None:
             continue
         local = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad

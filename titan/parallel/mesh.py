@@ -88,6 +88,8 @@ def validate_layout(cfg, world_size: int) -> None:
             "use an FSDP layout (e.g. parallel=fsdp) or set parallel.cpu_offload=false",
         )
 
+    if m.mla.kv_lora_rank > 0 and tp * cp > 1:
+        raise ConfigError("parallel.tp" if tp > 1 else "parallel.cp", "multi-head latent attention (model.mla) has no tensor / context parallel plan yet; set parallel.tp=1 and parallel.cp=1")
     if tp > 1:
         kv = m.n_kv_heads or m.n_heads
         for key, value in (("model.n_heads", m.n_heads), ("model.n_kv_heads", kv)):

@@ -18,6 +18,7 @@ from torch import nn
 
 from titan.models.llama3 import Attention, Llama3, LlamaArgs, RMSNorm, TransformerBlock
 from titan.models.moe import MoE, MoEArgs
+from titan.models.qwen3.mla import MLAArgs, MLAttention
 
 
 @dataclass
@@ -64,7 +65,9 @@ class QKNormAttention(Attention):
 class Qwen3Block(TransformerBlock):
     def __init__(self, layer_id: int, args: Qwen3Args):
         super().__init__(layer_id, args)
-        if args.qk_norm:
+        if getattr(args, "mla", None) is not None:
+            self.attention = MLAttention(args.dim, args.n_heads, args.mla, args.norm_eps)
+        elif args.qk_norm:
             self.attention = QKNormAttention(args)
         if args.is_moe_layer(layer_id):
             self.feed_forward = MoE(args.dim, args.moe)
@@ -84,6 +87,15 @@ class DeepSeekV3Args(Qwen3Args):
 
     rope_theta: float = 10_000.0
     qk_norm: bool = False
+    mla: Optional[MLAArgs] = None  # None: grouped-query attention
+
+    @property
+    def head_dim(self) -> int:  # type: ignore[override]
+        return self.mla.qk_head_dim if self.mla is not None else Qwen3Args.head_dim.fget(self)
+
+    @property
+    def rope_dim(self) -> int:  # type: ignore[override]
+        return self.mla.qk_rope_head_dim if self.mla is not None else self.head_dim
 
 
 def active_params(args: Qwen3Args, total: int) -> int:
