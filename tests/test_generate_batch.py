@@ -122,3 +122,20 @@ def test_tensor_parallel_cli_self_launched_and_under_torchrun(tmp_path, capsys):
     run = subprocess.run([*torchrun, *base, "prompt=for i in"], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.splitlines() == [one_prompt]  # printed once, by rank 0
+
+
+def test_a_batch_matches_transformers_left_padded_generate(tmp_path, model):
+    """The same weights in transformers' Llama, its own left padding and attention mask:
+    the greedy tokens of a batch of different lengths agree."""
+    from transformers import AutoModelForCausalLM
+
+    from titan.interop.safetensors_io import save_hf
+
+    save_hf(tmp_path / "hf", model.state_dict(), model.args)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    width = max(len(p) for p in PROMPTS)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in PROMPTS])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in PROMPTS])
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert out[:, width:].tolist() == generate_batch(model, PROMPTS, 10, temperature=0)

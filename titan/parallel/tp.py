@@ -53,8 +53,11 @@ def _is_float8_tensorwise(module: nn.Module) -> bool:
 def _styles(*linears: nn.Module, float8_collectives: bool = True):
     """(colwise, rowwise, prepare_input) classes: float8 ones when every linear is float8 and
     the backend can move float8 tensors (gloo cannot: "Invalid scalar type"), else plain ones
-    (a Float8Linear then casts after the high-precision all-gather)."""
-    if float8_collectives and linears and all(_is_float8_tensorwise(m) for m in linears):
+    (a Float8Linear then casts after the high-precision all-gather), also when a linear carries
+    a LoRA adapter."""
+    # A LoRA adapter reads its linear's input: it must stay high precision (plain styles).
+    adapted = any(ADAPTER in m._modules for m in linears)
+    if float8_collectives and linears and not adapted and all(_is_float8_tensorwise(m) for m in linears):
         from torchao.float8.float8_tensor_parallel import (
             Float8ColwiseParallel,
             Float8RowwiseParallel,

@@ -22,10 +22,11 @@ TIMEOUT_S = 300  # a rank that dies leaves the others waiting at most this long
 
 
 def rank_world() -> tuple[int, int]:
-    from titan.train.env import launched_by_env
+    from titan.train.env import _from_slurm, launched_by_env
 
     if not launched_by_env():
         return 0, 1
+    _from_slurm()  # srun sets SLURM_* only
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 
 
