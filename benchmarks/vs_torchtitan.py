@@ -199,8 +199,8 @@ def report(runs: list[Run], variants: list[str], opts) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pairs", type=int, default=5, help="rounds; each runs every program once per process count")
-    p.add_argument("--steps", type=int, default=15, help="training steps per run")
-    p.add_argument("--warmup", type=int, default=4, help="first steps left out of each run's median")
+    p.add_argument("--steps", type=int, default=12, help="training steps per run")
+    p.add_argument("--warmup", type=int, default=3, help="first steps left out of each run's median")
     p.add_argument("--procs", type=int, nargs="+", default=[1, 2], help="process counts to compare")
     p.add_argument("--best", nargs="*", default=BEST, help="titan overrides for the 'titan best' variant (empty: skip it)")
     p.add_argument("--best-procs", type=int, nargs="+", default=[1], help="process counts that run 'titan best'")
