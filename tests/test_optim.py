@@ -99,6 +99,20 @@ def test_build_optimizer_kinds(name, states, expected):
         assert opt.param_groups[0]["decoupled"] is (name is OptimName.adamw)
 
 
+@pytest.mark.parametrize("name", [OptimName.adamw, OptimName.adam])
+def test_adam_on_cpu_defaults_to_the_fused_kernel_with_the_loop_update(name):
+    # optim.fused=null on CPU in fp32: torch's fused kernel (one pass per tensor), same update as
+    # torch's own default (the per-parameter loop) to fp32 rounding; an explicit value is kept.
+    cfg = OptimConfig(name=name, lr=1e-2, weight_decay=0.1)
+    model_fused, model_loop = tiny_model(), tiny_model()
+    fused = build_optimizer(model_fused, cfg)
+    loop = build_optimizer(model_loop, OptimConfig(name=name, lr=1e-2, weight_decay=0.1, fused=False))
+    assert fused.defaults["fused"] is True and not loop.defaults["fused"]
+    assert train(model_fused, fused, steps=3) == pytest.approx(train(model_loop, loop, steps=3), rel=1e-5)
+    for a, b in zip(model_fused.parameters(), model_loop.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # bf16 optimizer states
 # ---------------------------------------------------------------------------------------------

@@ -510,8 +510,9 @@ def rank_memory(args: LlamaArgs, shapes: ParamShapes, cfg: TrainConfig, layout: 
 
     # Optimizer temporaries: torch's foreach AdamW (the CUDA default) builds one full list of
     # sqrt(exp_avg_sq); the per-parameter loop (CPU default, bf16-state optimizers) only a few
-    # tensors the size of the largest parameter; fused kernels none.
-    if cfg.optim.fused:
+    # tensors the size of the largest parameter; fused kernels none (Adam's default on CPU in fp32).
+    cpu_fused_adam = cpu and cfg.optim.fused is None and cfg.optim.name is not OptimName.sgd
+    if cfg.optim.fused or (cpu_fused_adam and prec.optim_state_dtype is DType.float32):
         optim_step = 0.0
     elif cpu or prec.optim_state_dtype is not DType.float32:
         optim_step = 2.0 * biggest * FP32

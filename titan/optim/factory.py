@@ -6,6 +6,7 @@ from typing import Iterable, Optional, Union
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from titan.config.schema import DType, OptimConfig, OptimName, PrecisionConfig
 from titan.optim.bf16_state import BF16StateAdam, BF16StateSGD
@@ -33,10 +34,25 @@ def build_optimizer(
         if bf16_states:
             return BF16StateAdam(groups, decoupled=cfg.name is OptimName.adamw, seed=seed, **common)
         cls = torch.optim.AdamW if cfg.name is OptimName.adamw else torch.optim.Adam
-        return cls(groups, **common, **fused)
+        return cls(groups, **common, fused=adam_fused(cfg, [p for g in groups for p in g["params"]]))
 
     if cfg.name is OptimName.sgd:
         if bf16_states and cfg.momentum > 0:
             return BF16StateSGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, seed=seed)
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **fused)
     raise ValueError(f"unknown optimizer {cfg.name}")
+
+
+def adam_fused(cfg: OptimConfig, params: list[torch.Tensor]) -> Optional[bool]:
+    """`optim.fused`, or when it is None: True for fp32 parameters on CPU, else torch's default.
+    On CPU torch's default is its per-parameter loop (its foreach kernels are GPU-only), about
+    a dozen passes over every tensor per step; the fused CPU kernel makes one and keeps no
+    temporaries (same update up to fp32 rounding). On GPUs torch picks foreach itself. The
+    kernel takes all parameters in one call, so they must be all plain tensors or all DTensors
+    of one mesh (tensor parallelism without sequence parallelism leaves the norms plain)."""
+    if cfg.fused is not None:
+        return cfg.fused
+    meshes = {p.device_mesh if isinstance(p, DTensor) else None for p in params}
+    if params and len(meshes) == 1 and all(p.device.type == "cpu" and p.dtype is torch.float32 for p in params):
+        return True
+    return None

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from titan.config.schema import AsyncMode, Device, TrainConfig
 from titan.profiling import enable_flight_recorder
 from titan.train import slurm
+from titan.train.malloc import keep_freed_memory
 from titan.train.agree import drop_agreement_group, init_agreement_group
 
 
@@ -102,6 +103,7 @@ def setup_rank(cfg: TrainConfig) -> RankEnv:
         device = torch.device("cpu")
         threads = cfg.training.threads or (max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
         torch.set_num_threads(threads)
+        keep_freed_memory()  # no page faults on every step's re-allocated activations
     if world > 1 and not dist.is_initialized():
         backend = cfg.parallel.backend or ("nccl" if device_type == "cuda" else "gloo")
         enable_flight_recorder(cfg.profiling, cfg.run_dir, backend)
