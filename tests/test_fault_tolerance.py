@@ -29,18 +29,22 @@ def _records(path: Path) -> list[dict]:
 
 
 def _worker_pid(group: int) -> int | None:
-    """A worker process of that group: the group's elastic agent sets GROUP_ENV after it
-    started, so only the workers it spawned carry it in their initial environment."""
+    """A worker process of that group. The group's elastic agent sets GROUP_ENV after it
+    started, so only what it starts carries it in its initial environment: the fork server
+    and, forked from it, the workers (a marked process whose parent is marked too)."""
+    marked = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
             env = dict(kv.split("=", 1) for kv in (proc / "environ").read_text().split("\0") if "=" in kv)
-        except OSError:
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
             continue
         if env.get(GROUP_ENV) == str(group):
-            return int(proc.name)
-    return None
+            marked[int(proc.name)] = parent
+    workers = sorted(pid for pid, parent in marked.items() if parent in marked)
+    return workers[0] if workers else None
 
 
 def _wait_for(predicate, timeout: float, what: str):
@@ -97,7 +101,10 @@ def test_killed_group_heals_live_and_models_agree(tmp_path):
 
     g0, g1 = _train_losses(_records(group0)), _train_losses(_records(group1))
     assert sorted(g0)[: rejoin_step] == list(range(1, rejoin_step + 1))  # group 0 never stopped...
-    assert any(r["ft_participants"] == 1 for s, r in g0.items() if s > killed_at_step)  # ...and went on alone
+    # ...and either went on alone or, when group 1 came back within a step (a fork-server
+    # restart takes seconds), discarded the one step whose all-reduce lost its peer.
+    went_alone = any(r["ft_participants"] == 1 for s, r in g0.items() if s > killed_at_step)
+    assert went_alone or g0[max(g0)]["ft_uncommitted_steps"] > 0
     logs = "".join(f.read_text(errors="replace") for f in (group1_dir / "logs").rglob("*.log"))
     assert "healed from a live group" in logs
     step = common[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -68,6 +69,8 @@ def run_stub(conf: Path, *overrides: str) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [sys.executable, str(STUB_TASK), "-cp", str(conf), "-cn", "train", "-m", *overrides],
         capture_output=True, text=True, timeout=120,
+        # This checkout's titan and plugin, whatever the installed one points at.
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(STUB_TASK.parents[1]), os.environ.get("PYTHONPATH")]))},
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
