@@ -113,6 +113,9 @@ def run_titan(nproc: int, overrides: list[str], opts, work: Path, tag: str) -> R
     if rc != 0 or len(elapsed) < opts.warmup + 2:
         raise RuntimeError(f"titan run failed (rc {rc}); see {work / f'{tag}.log'}")
     dts = [b - a for a, b in zip(elapsed, elapsed[1:])]  # dts[i]: step i+2
+    # Several processes: the workers fork from a server that reaps them, so wait4 sees only the
+    # launcher; rank 0's own lifetime ru_maxrss (memory_gib on CPU) stands for the ranks.
+    rss = max([rss] + [r["memory_gib"] for r in records if "memory_gib" in r])
     tokens = TOKENS_PER_RANK * nproc
     med = _median_after(dts, max(opts.warmup - 1, 0))
     return Run("titan", nproc, tokens / med, rss, opts.foreign.mean(t_start, time.time()), wall, len(elapsed), dts)
