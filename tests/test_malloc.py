@@ -39,6 +39,8 @@ def probe(mode: str, **env: str) -> tuple[bool, int]:
 def test_freed_buffers_are_reused_without_page_faults_unless_the_environment_tunes_malloc():
     applied, tuned = probe("tuned")
     _, default = probe("default")
-    assert applied and tuned < PAGES // 20 < PAGES // 2 < default  # glibc's default re-faults every round
+    # Tuned: a fresh block or two in all (the heap may settle at a few resident); glibc's
+    # default maps and faults in every round.
+    assert applied and tuned < PAGES // 4 < PAGES // 2 < default
     applied, faults = probe("tuned", MALLOC_TRIM_THRESHOLD_="131072")
     assert not applied and faults > PAGES // 2  # the user's setting is left alone
