@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 
 from titan.interop.errors import ConversionError
-from titan.interop.hf import _GLOBAL_NAMES, _LAYER_NAMES, _check_keys
+from titan.interop.hf import _GLOBAL_NAMES, _LAYER_NAMES, rename_from_hf, rename_to_hf
 from titan.models.moe import MoEArgs
 from titan.models.qwen3.mla import MLAArgs
 from titan.models.qwen3.model import DeepSeekV3Args
@@ -91,13 +91,9 @@ def _bias_names(args: DeepSeekV3Args) -> dict[str, str]:
 def to_hf(state_dict: dict[str, torch.Tensor], args: DeepSeekV3Args) -> dict[str, torch.Tensor]:
     _check_supported(args)
     plain, experts, biases = _plain_names(args), _expert_names(args), _bias_names(args)
-    expected = set(plain) | set(experts)
-    given = {k for k in state_dict if k not in biases}
-    if args.tie_embeddings:
-        expected.discard("output.weight")
-        given.discard("output.weight")
-    _check_keys(given, expected, "titan state dict")
-    out = {plain[k]: state_dict[k] for k in expected & set(plain)}
+    # No rotary reordering (heads None): the adapter keeps DeepSeek's own rope layout.
+    rest = {k: v for k, v in state_dict.items() if k not in biases}  # biases: present or not
+    out = rename_to_hf(rest, plain, lambda name: None, args.tie_embeddings, converted_elsewhere=frozenset(experts))
     for ours, theirs in experts.items():
         for e, name in enumerate(theirs):
             out[name] = state_dict[ours][e]
@@ -109,19 +105,12 @@ def to_hf(state_dict: dict[str, torch.Tensor], args: DeepSeekV3Args) -> dict[str
 def from_hf(hf_state_dict: dict[str, torch.Tensor], args: DeepSeekV3Args) -> dict[str, torch.Tensor]:
     _check_supported(args)
     plain, experts, biases = _plain_names(args), _expert_names(args), _bias_names(args)
-    expected = set(plain.values()) | {n for names in experts.values() for n in names} | set(biases.values())
-    given = {k for k in hf_state_dict if not k.endswith("rotary_emb.inv_freq")}
-    if args.tie_embeddings:
-        expected.discard("lm_head.weight")
-        given.discard("lm_head.weight")
-    _check_keys(given, expected, "Hugging Face state dict")
-    out = {ours: hf_state_dict[theirs] for ours, theirs in plain.items() if theirs in expected}
+    elsewhere = frozenset(n for names in experts.values() for n in names) | frozenset(biases.values())
+    out = rename_from_hf(hf_state_dict, plain, lambda name: None, args.tie_embeddings, converted_elsewhere=elsewhere)
     for ours, theirs in experts.items():
         out[ours] = torch.stack([hf_state_dict[n] for n in theirs])
     if args.moe.bias_update_rate > 0:  # a persistent buffer only then (titan.models.moe.Router)
         out.update({ours: hf_state_dict[theirs] for ours, theirs in biases.items()})
-    if args.tie_embeddings:
-        out["output.weight"] = out["tok_embeddings.weight"]
     return out
 
 
