@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.test_config import compose_typed
+from tests.test_qwen3 import imported_model
 from titan.models import active_params, build_model, count_params, model_args
 
 
@@ -36,10 +37,7 @@ def test_deepseek_v3_mla_round_trip_matches_transformers_logits(tmp_path, q_lora
     theirs.save_pretrained(tmp_path / "hf")
     state, args = load_hf(tmp_path / "hf")
     assert args.mla is not None and args.mla.q_lora_rank == (q_lora_rank or 0) and args.moe.n_dense_layers == 1
-    ours = build_model(args)
-    ours.to_empty(device="cpu")
-    ours.init_buffers()
-    ours.load_state_dict(state)
+    ours = imported_model(state, args)
     tokens = torch.randint(0, 96, (2, 16))
     with torch.no_grad():
         expected = theirs(tokens).logits

@@ -104,6 +104,15 @@ def test_export_matches_transformers_logits(tmp_path, moe):
         assert torch.allclose(model(tokens), theirs(tokens).logits, atol=1e-5)
 
 
+def imported_model(state, args):
+    """A titan model holding an imported state dict (built on meta, then materialised)."""
+    model = build_model(args)
+    model.to_empty(device="cpu")
+    model.init_buffers()
+    model.load_state_dict(state)
+    return model
+
+
 def test_import_from_transformers_matches_logits(tmp_path):
     """transformers' own random Qwen3-MoE (one dense layer first) -> save_pretrained -> titan."""
     import transformers
@@ -123,10 +132,7 @@ def test_import_from_transformers_matches_logits(tmp_path):
                 p.add_(torch.rand_like(p) * 0.5)
     theirs.save_pretrained(tmp_path)
     state, args = load_hf(tmp_path)
-    ours = build_model(args)
-    ours.to_empty(device="cpu")
-    ours.init_buffers()
-    ours.load_state_dict(state)
+    ours = imported_model(state, args)
     tokens = torch.randint(0, 96, (2, 16))
     with torch.no_grad():
         assert torch.allclose(ours.eval()(tokens), theirs(tokens).logits, atol=1e-5)
