@@ -202,6 +202,8 @@ class ContextParallelAttention(nn.Module):
         self.cp_group, self.cp_rank, self.cp_size = cp_group, cp_rank, cp_size
         self.mode, self.kv_repeats = mode, kv_repeats
 
+    # Collectives inside an autograd Function: keep torch.compile out (a clean graph break).
+    @torch.compiler.disable
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.kv_repeats > 1 and k.shape[1] == q.shape[1]:
             # Copies are identical; the gradient still reaches every copy's source through
@@ -215,22 +217,12 @@ class ContextParallelAttention(nn.Module):
         return f"mode={self.mode}, cp_rank={self.cp_rank}, cp_size={self.cp_size}, kv_repeats={self.kv_repeats}"
 
 
-def _keep_out_of_compile() -> None:
-    """Collectives inside an autograd Function: keep torch.compile out (a clean graph break).
-    Applied here rather than as a decorator: that would import dynamo (~1 s) in every process."""
-    forward = ContextParallelAttention.forward
-    if not getattr(forward, "_titan_compile_disabled", False):
-        ContextParallelAttention.forward = torch.compiler.disable(forward)
-        ContextParallelAttention.forward._titan_compile_disabled = True
-
-
 def apply_cp(model: nn.Module, cp_group, cp_rank: int, cp_size: int, mode: str = "allgather") -> nn.Module:
     """Swap every block's `attention.sdpa` for ContextParallelAttention (in place; returns the
     model). A no-op for cp_size 1. Apply before torch.compile; order with FSDP/TP is free
     (the swapped module has no parameters)."""
     if cp_size == 1:
         return model
-    _keep_out_of_compile()
     args = model.args
     kv_repeats = args.n_heads // args.kv_heads  # unchanged by TP, which splits both evenly
     for block in model.layers.values():
