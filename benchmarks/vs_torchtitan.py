@@ -23,6 +23,10 @@ Method (the machine may be shared, so nothing is compared across sittings):
 - Foreign CPU: `foreign_cpu.py` (from the torchtitan folder) samples, each second, the CPU
   used by processes outside this benchmark (100% = one core); the mean during each run is
   reported so a disturbed round can be told apart.
+- Kernel floor (`--floor`, 1 process): each round also runs `step_floor.py`, which profiles
+  titan's default step and reports tokens / (time in the matmul and attention kernels): torch's
+  own MKL sgemm and SDPA kernels, which torchtitan calls with the same shapes. Its ratio to
+  torchtitan is the ceiling of any eager fp32 speed-up on this config.
 - Attention masks differ: torchtitan masks per packed document (block-causal, dense mask into
   SDPA); titan by default attends causally over the whole window (`data.document_mask=false`).
   `--titan-doc-mask` adds `data.document_mask=true` to every titan run.
@@ -33,6 +37,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import re
 import statistics
@@ -145,6 +150,19 @@ def run_torchtitan(nproc: int, opts, work: Path, tag: str) -> Run:
                opts.foreign.mean(t_start, time.time()), wall, len(stamps), dts)
 
 
+def run_floor(opts, work: Path, tag: str) -> Run:
+    """titan's default step, profiled: tokens / (matmul + attention kernel time); no RSS."""
+    out = work / f"{tag}.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "step_floor.py"), "--json", str(out),
+           "--steps", str(max(opts.steps - opts.warmup, 3)), "--warmup", str(opts.warmup)]
+    t_start = time.time()
+    rc, wall, _ = _wait(cmd, dict(os.environ, PYTHONWARNINGS="ignore"), str(REPO), work / f"{tag}.log", opts.timeout)
+    if rc != 0 or not out.exists():
+        raise RuntimeError(f"step_floor.py failed (rc {rc}); see {work / f'{tag}.log'}")
+    r = json.loads(out.read_text())
+    return Run("kernel floor", 1, r["floor_tokens_per_s"], float("nan"), opts.foreign.mean(t_start, time.time()), wall, 0)
+
+
 # --------------------------------------------------------------------------------------------
 # foreign load
 # --------------------------------------------------------------------------------------------
@@ -171,6 +189,10 @@ class ForeignLoad:
 # --------------------------------------------------------------------------------------------
 # report
 # --------------------------------------------------------------------------------------------
+def _gib(x: float) -> str:
+    return "-" if math.isnan(x) else f"{x:.2f}"
+
+
 def report(runs: list[Run], variants: list[str], opts) -> str:
     lines = []
     for nproc in opts.procs:
@@ -193,7 +215,7 @@ def report(runs: list[Run], variants: list[str], opts) -> str:
             tps = statistics.median(r.tokens_per_s for r in mine)
             lines.append(
                 f"| {name} | {tps:,.0f} | **{statistics.median(ratios):.2f}** | "
-                f"{' '.join(f'{x:.2f}' for x in ratios)} | {statistics.median(r.peak_rss_gib for r in mine):.2f} | "
+                f"{' '.join(f'{x:.2f}' for x in ratios)} | {_gib(statistics.median(r.peak_rss_gib for r in mine))} | "
                 f"{statistics.median(r.foreign_cpu for r in mine):.0f} |"
             )
     return "\n".join(lines)
@@ -207,6 +229,7 @@ def main() -> None:
     p.add_argument("--procs", type=int, nargs="+", default=[1, 2], help="process counts to compare")
     p.add_argument("--best", nargs="*", default=BEST, help="titan overrides for the 'titan best' variant (empty: skip it)")
     p.add_argument("--best-procs", type=int, nargs="+", default=[1], help="process counts that run 'titan best'")
+    p.add_argument("--floor", action="store_true", help="1 process: also the kernel floor of titan's default step (step_floor.py)")
     p.add_argument("--titan-doc-mask", action="store_true", help="titan with block-causal document masking, like torchtitan")
     p.add_argument("--tt-dir", type=Path, default=DEFAULT_TT_DIR, help="the torchtitan_cpu folder")
     p.add_argument("--timeout", type=float, default=600, help="seconds before one run is killed")
@@ -229,6 +252,8 @@ def main() -> None:
     programs = {"torchtitan": None, "titan default": []}
     if opts.best:
         programs["titan best"] = list(opts.best)
+    if opts.floor:
+        programs["kernel floor"] = None
     variants = [n for n in programs if n != "torchtitan"]
     runs: list[Run] = []
     try:
@@ -236,18 +261,20 @@ def main() -> None:
             order = list(programs) if i % 2 == 0 else list(reversed(programs))
             for nproc in opts.procs:
                 for name in order:
-                    if name == "titan best" and nproc not in opts.best_procs:
+                    if (name == "titan best" and nproc not in opts.best_procs) or (name == "kernel floor" and nproc != 1):
                         continue
                     tag = f"r{i}_np{nproc}_{name.replace(' ', '_')}"
                     load = os.getloadavg()[0]
                     if name == "torchtitan":
                         run = run_torchtitan(nproc, opts, work, tag)
+                    elif name == "kernel floor":
+                        run = run_floor(opts, work, tag)
                     else:
                         run = run_titan(nproc, programs[name], opts, work, tag)
                     run.program = name
                     runs.append(run)
                     print(f"round {i + 1}/{opts.pairs} np{nproc} {name:14s} {run.tokens_per_s:8,.0f} tok/s  "
-                          f"peak RSS {run.peak_rss_gib:.2f} GiB  wall {run.wall_s:5.1f} s  "
+                          f"peak RSS {_gib(run.peak_rss_gib)} GiB  wall {run.wall_s:5.1f} s  "
                           f"foreign CPU {run.foreign_cpu:.0f}%  loadavg {load:.1f}", flush=True)
     finally:
         opts.foreign.close()

@@ -60,7 +60,7 @@ def test_default_tokenizer_is_cached(default_cfg, default_tok, capfd):
     assert path.is_file()
     start = time.perf_counter()
     again = build_tokenizer(default_cfg)
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < 3.0  # a load, not a training run (~40 s); margin for a loaded CI
     assert "training" not in capfd.readouterr().err
     assert again.path == str(path)
     assert again.encode(SAMPLES[1]) == default_tok.encode(SAMPLES[1])
