@@ -23,10 +23,11 @@ Method (the machine may be shared, so nothing is compared across sittings):
 - Foreign CPU: `foreign_cpu.py` (from the torchtitan folder) samples, each second, the CPU
   used by processes outside this benchmark (100% = one core); the mean during each run is
   reported so a disturbed round can be told apart.
-- Kernel floor (`--floor`, 1 process): each round also runs `step_floor.py`, which profiles
-  titan's default step and reports tokens / (time in the matmul and attention kernels): torch's
-  own MKL sgemm and SDPA kernels, which torchtitan calls with the same shapes. Its ratio to
-  torchtitan is the ceiling of any eager fp32 speed-up on this config.
+- Kernel floor (`--floor`, 1 process): each round also runs `step_floor.py`, which records the
+  matmul and attention kernel calls of titan's default step, replays them between real steps and
+  reports tokens / (their time): torch's own MKL sgemm and SDPA kernels, which torchtitan calls
+  with the same shapes (attention with a dense mask: no less work). Its ratio to torchtitan is
+  the ceiling of any fp32 speed-up on this config.
 - Attention masks differ: torchtitan masks per packed document (block-causal, dense mask into
   SDPA); titan by default attends causally over the whole window (`data.document_mask=false`).
   `--titan-doc-mask` adds `data.document_mask=true` to every titan run.
@@ -151,10 +152,10 @@ def run_torchtitan(nproc: int, opts, work: Path, tag: str) -> Run:
 
 
 def run_floor(opts, work: Path, tag: str) -> Run:
-    """titan's default step, profiled: tokens / (matmul + attention kernel time); no RSS."""
+    """titan's default step: tokens / (its matmul + attention kernel time, replayed); no RSS."""
     out = work / f"{tag}.json"
     cmd = [sys.executable, str(REPO / "benchmarks" / "step_floor.py"), "--json", str(out),
-           "--steps", str(max(opts.steps - opts.warmup, 3)), "--warmup", str(opts.warmup)]
+           "--rounds", str(max(opts.steps - opts.warmup, 3)), "--warmup", str(opts.warmup)]
     t_start = time.time()
     rc, wall, _ = _wait(cmd, dict(os.environ, PYTHONWARNINGS="ignore"), str(REPO), work / f"{tag}.log", opts.timeout)
     if rc != 0 or not out.exists():
