@@ -138,7 +138,9 @@ def from_hf(hf_state_dict: dict[str, torch.Tensor], args: LlamaArgs) -> dict[str
     return rename_from_hf(hf_state_dict, name_map(args), lambda name: _rotary_heads(args, name), args.tie_embeddings)
 
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+def dtype_name(torch_dtype: torch.dtype | str) -> str:
+    """config.json's `torch_dtype`: "bfloat16" for torch.bfloat16; a string is kept."""
+    return str(torch_dtype).removeprefix("torch.") if isinstance(torch_dtype, torch.dtype) else torch_dtype
 
 
 def rope_parameters(args: LlamaArgs) -> dict[str, Any]:
@@ -161,8 +163,7 @@ def hf_config(args: LlamaArgs, torch_dtype: torch.dtype | str = "float32", bos_t
 
     RoPE is written in both forms: `rope_parameters` (transformers 5.x) and the older top-level
     `rope_theta` / `rope_scaling` (transformers 4.x and other readers); they agree."""
-    if isinstance(torch_dtype, torch.dtype):
-        torch_dtype = _DTYPE_NAMES.get(torch_dtype, str(torch_dtype).removeprefix("torch."))
+    torch_dtype = dtype_name(torch_dtype)
     rope = rope_parameters(args)
     legacy_scaling = {k: v for k, v in rope.items() if k != "rope_theta"} if args.rope_scaling_factor else None
     config = {

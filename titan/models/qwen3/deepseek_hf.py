@@ -17,8 +17,9 @@ from typing import Any, Optional
 import torch
 
 from titan.interop.errors import ConversionError
-from titan.interop.hf import _GLOBAL_NAMES, _LAYER_NAMES, rename_from_hf, rename_to_hf
+from titan.interop.hf import _GLOBAL_NAMES, _LAYER_NAMES, dtype_name, rename_from_hf, rename_to_hf
 from titan.models.moe import MoEArgs
+from titan.models.qwen3.hf import EXPERT_PROJECTIONS, expert_names, split_experts, stack_experts
 from titan.models.qwen3.mla import MLAArgs
 from titan.models.qwen3.model import DeepSeekV3Args
 
@@ -27,8 +28,7 @@ DEFAULT_BIAS_UPDATE_RATE = 0.001  # DeepSeek-V3's gamma
 
 _NORMS = {"attention_norm.weight": _LAYER_NAMES["attention_norm.weight"], "ffn_norm.weight": _LAYER_NAMES["ffn_norm.weight"]}
 _DENSE_FFN = {k: v for k, v in _LAYER_NAMES.items() if k.startswith("feed_forward.")}
-_SHARED = {f"feed_forward.shared.{w}.weight": f"mlp.shared_experts.{p}.weight" for w, p in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj"))}
-_EXPERT_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+_SHARED = {f"feed_forward.shared.{w}.weight": f"mlp.shared_experts.{p}.weight" for w, p in EXPERT_PROJECTIONS.items()}
 
 
 def _attention_names(mla: MLAArgs) -> dict[str, str]:
@@ -76,27 +76,17 @@ def _moe_layers(args: DeepSeekV3Args) -> list[int]:
     return [i for i in range(args.n_layers) if args.is_moe_layer(i)]
 
 
-def _expert_names(args: DeepSeekV3Args) -> dict[str, list[str]]:
-    return {
-        f"layers.{i}.feed_forward.experts.{ours}": [f"model.layers.{i}.mlp.experts.{e}.{theirs}.weight" for e in range(args.moe.num_experts)]
-        for i in _moe_layers(args)
-        for ours, theirs in _EXPERT_NAMES.items()
-    }
-
-
 def _bias_names(args: DeepSeekV3Args) -> dict[str, str]:
     return {f"layers.{i}.feed_forward.router.expert_bias": f"model.layers.{i}.mlp.gate.e_score_correction_bias" for i in _moe_layers(args)}
 
 
 def to_hf(state_dict: dict[str, torch.Tensor], args: DeepSeekV3Args) -> dict[str, torch.Tensor]:
     _check_supported(args)
-    plain, experts, biases = _plain_names(args), _expert_names(args), _bias_names(args)
+    plain, experts, biases = _plain_names(args), expert_names(args), _bias_names(args)
     # No rotary reordering (heads None): the adapter keeps DeepSeek's own rope layout.
     rest = {k: v for k, v in state_dict.items() if k not in biases}  # biases: present or not
     out = rename_to_hf(rest, plain, lambda name: None, args.tie_embeddings, converted_elsewhere=frozenset(experts))
-    for ours, theirs in experts.items():
-        for e, name in enumerate(theirs):
-            out[name] = state_dict[ours][e]
+    out.update(split_experts(state_dict, experts))
     for ours, theirs in biases.items():  # absent when the model does not balance by bias: zeros
         out[theirs] = state_dict.get(ours, torch.zeros(args.moe.num_experts)).float()
     return out
@@ -104,11 +94,10 @@ def to_hf(state_dict: dict[str, torch.Tensor], args: DeepSeekV3Args) -> dict[str
 
 def from_hf(hf_state_dict: dict[str, torch.Tensor], args: DeepSeekV3Args) -> dict[str, torch.Tensor]:
     _check_supported(args)
-    plain, experts, biases = _plain_names(args), _expert_names(args), _bias_names(args)
+    plain, experts, biases = _plain_names(args), expert_names(args), _bias_names(args)
     elsewhere = frozenset(n for names in experts.values() for n in names) | frozenset(biases.values())
     out = rename_from_hf(hf_state_dict, plain, lambda name: None, args.tie_embeddings, converted_elsewhere=elsewhere)
-    for ours, theirs in experts.items():
-        out[ours] = torch.stack([hf_state_dict[n] for n in theirs])
+    out.update(stack_experts(hf_state_dict, experts))
     if args.moe.bias_update_rate > 0:  # a persistent buffer only then (titan.models.moe.Router)
         out.update({ours: hf_state_dict[theirs] for ours, theirs in biases.items()})
     return out
@@ -117,8 +106,7 @@ def from_hf(hf_state_dict: dict[str, torch.Tensor], args: DeepSeekV3Args) -> dic
 def hf_config(args: DeepSeekV3Args, torch_dtype: torch.dtype | str = "float32", bos_token_id: Optional[int] = None,
               eos_token_id: Optional[int] = None) -> dict[str, Any]:
     _check_supported(args)
-    if isinstance(torch_dtype, torch.dtype):
-        torch_dtype = str(torch_dtype).removeprefix("torch.")
+    torch_dtype = dtype_name(torch_dtype)
     if args.rope_scaling_factor is not None:
         raise ConversionError("DeepSeek-V3 export: Llama 3.1 RoPE scaling has no DeepseekV3 equivalent")
     m, a = args.moe, args.mla

@@ -18,6 +18,7 @@ from titan.interop.hf import (
     _GLOBAL_NAMES,
     _LAYER_NAMES,
     decoder_fields,
+    dtype_name,
     rename_from_hf,
     rename_to_hf,
     special_token_ids,
@@ -29,7 +30,7 @@ MODEL_TYPES = ("qwen3", "qwen3_moe")
 
 _QK_NORMS = {"attention.q_norm.weight": "self_attn.q_norm.weight", "attention.k_norm.weight": "self_attn.k_norm.weight"}
 _DENSE_FFN = {k: v for k, v in _LAYER_NAMES.items() if k.startswith("feed_forward.")}
-_EXPERT_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+EXPERT_PROJECTIONS = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}  # also shared experts
 
 
 def _check_supported(args: Qwen3Args) -> None:
@@ -58,16 +59,23 @@ def _plain_names(args: Qwen3Args) -> dict[str, str]:
     return names
 
 
-def _expert_names(args: Qwen3Args) -> dict[str, list[str]]:
-    """titan stacked expert weight -> HF per-expert names, in expert order."""
-    out = {}
-    for i in range(args.n_layers):
-        if args.is_moe_layer(i):
-            for ours, theirs in _EXPERT_NAMES.items():
-                out[f"layers.{i}.feed_forward.experts.{ours}"] = [
-                    f"model.layers.{i}.mlp.experts.{e}.{theirs}.weight" for e in range(args.moe.num_experts)
-                ]
-    return out
+def expert_names(args: Qwen3Args) -> dict[str, list[str]]:
+    """titan stacked expert weight -> HF per-expert names, in expert order (also DeepSeek-V3's)."""
+    return {
+        f"layers.{i}.feed_forward.experts.{ours}": [f"model.layers.{i}.mlp.experts.{e}.{theirs}.weight" for e in range(args.moe.num_experts)]
+        for i in range(args.n_layers) if args.is_moe_layer(i)
+        for ours, theirs in EXPERT_PROJECTIONS.items()
+    }
+
+
+def split_experts(state_dict: dict[str, torch.Tensor], experts: dict[str, list[str]]) -> dict[str, torch.Tensor]:
+    """titan's stacked (E, ...) expert weights -> one HF tensor per expert."""
+    return {name: state_dict[ours][e] for ours, theirs in experts.items() for e, name in enumerate(theirs)}
+
+
+def stack_experts(hf_state_dict: dict[str, torch.Tensor], experts: dict[str, list[str]]) -> dict[str, torch.Tensor]:
+    """HF's per-expert tensors -> titan's stacked (E, ...) expert weights."""
+    return {ours: torch.stack([hf_state_dict[n] for n in theirs]) for ours, theirs in experts.items()}
 
 
 def _rotary(args: Qwen3Args, name: str) -> Optional[int]:
@@ -83,31 +91,25 @@ def _rotary(args: Qwen3Args, name: str) -> Optional[int]:
 
 def to_hf(state_dict: dict[str, torch.Tensor], args: Qwen3Args) -> dict[str, torch.Tensor]:
     _check_supported(args)
-    experts = _expert_names(args)
+    experts = expert_names(args)
     out = rename_to_hf(state_dict, _plain_names(args), lambda name: _rotary(args, name), args.tie_embeddings,
                        converted_elsewhere=frozenset(experts))
-    for ours, theirs in experts.items():
-        for e, name in enumerate(theirs):
-            out[name] = state_dict[ours][e]
-    return out
+    return {**out, **split_experts(state_dict, experts)}
 
 
 def from_hf(hf_state_dict: dict[str, torch.Tensor], args: Qwen3Args) -> dict[str, torch.Tensor]:
     _check_supported(args)
-    experts = _expert_names(args)
+    experts = expert_names(args)
     out = rename_from_hf(hf_state_dict, _plain_names(args), lambda name: _rotary(args, name), args.tie_embeddings,
                          converted_elsewhere=frozenset(n for names in experts.values() for n in names))
-    for ours, theirs in experts.items():
-        out[ours] = torch.stack([hf_state_dict[n] for n in theirs])
-    return out
+    return {**out, **stack_experts(hf_state_dict, experts)}
 
 
 def hf_config(args: Qwen3Args, torch_dtype: torch.dtype | str = "float32", bos_token_id: Optional[int] = None,
               eos_token_id: Optional[int] = None) -> dict[str, Any]:
     """config.json for transformers' Qwen3ForCausalLM (dense) or Qwen3MoeForCausalLM."""
     _check_supported(args)
-    if isinstance(torch_dtype, torch.dtype):
-        torch_dtype = str(torch_dtype).removeprefix("torch.")
+    torch_dtype = dtype_name(torch_dtype)
     if args.rope_scaling_factor is not None:
         raise ConversionError("Qwen3 export: Llama 3.1 RoPE scaling has no Qwen3 equivalent")
     if not args.qk_norm:
