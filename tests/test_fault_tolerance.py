@@ -78,7 +78,10 @@ def test_killed_group_heals_live_and_models_agree(tmp_path):
     group1_dir = tmp_path / "replica_1"
     group0, group1 = tmp_path / "metrics.jsonl", group1_dir / "metrics.jsonl"
     try:
-        _wait_for(lambda: len(_train_losses(_records(group1))) >= 3, 300, "group 1 to train 3 steps")
+        # Kill once both groups train together: a group that starts late (a loaded machine) lets
+        # group 1 step alone first, and a kill then restarts both from scratch with nothing to heal.
+        together = lambda: sum(r["ft_participants"] == 2 for r in _train_losses(_records(group1)).values())  # noqa: E731
+        _wait_for(lambda: together() >= 3, 300, "group 1 to train 3 steps with group 0")
         pid = _wait_for(lambda: _worker_pid(1), 30, "a worker of group 1")
         killed_at_step = max(_train_losses(_records(group1)))
         os.kill(pid, signal.SIGKILL)
